@@ -1,0 +1,342 @@
+"""The Communicator: rank, size, point-to-point, and the collectives the rest of distrib is written against.
+
+A backend implements two point-to-point calls (`post`, `wait_all`) and the library's own ("native")
+collectives. Everything else lives here once: argument checks, the cross-rank shape check, staging of tensors a
+backend cannot touch directly, the choice of algorithm, and asynchronous handles from the engine thread.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import pickle
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+
+from distrib.comm import algorithms
+from distrib.comm.engine import Engine, Handle
+
+OPS = ("sum", "avg", "max", "min")
+ALGORITHMS = ("naive", "ring", "native")
+DTYPES = (
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int32,
+    torch.int64,
+    torch.int8,
+    torch.uint8,
+)
+DEFAULT_TIMEOUT = 300.0  # seconds; generous for big models on slow links, DISTRIB_TIMEOUT overrides
+VERIFY_CALLS = 8  # the first collectives of each communicator check shapes across ranks (DISTRIB_VERIFY=all: every one)
+
+Request = Any  # a backend's in-flight operation
+Pending = list[tuple[Request, int]]  # in-flight operations, each with the peer it waits for (-1: any of them)
+
+
+class CollectiveError(RuntimeError):
+    """A collective could not complete: tensors that differ across ranks, or a peer that failed."""
+
+
+class CollectiveTimeout(CollectiveError):
+    """A peer did not arrive before the deadline; the message names the collective and the ranks waited for."""
+
+
+def _env_timeout() -> float:
+    value = os.environ.get("DISTRIB_TIMEOUT")
+    if value is None:
+        return DEFAULT_TIMEOUT
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError(f"DISTRIB_TIMEOUT={value!r} is not a number of seconds") from None
+    if seconds <= 0:
+        raise ValueError(f"DISTRIB_TIMEOUT={value!r} must be positive")
+    return seconds
+
+
+class Communicator(abc.ABC):
+    """Collectives over `size` ranks. Every method must be called by every rank, in the same order."""
+
+    backend = "abstract"
+    devices: tuple[str, ...] = ("cpu",)  # device types the backend reads and writes directly
+
+    def __init__(self, rank: int, size: int, *, timeout: float | None = None, algorithm: str = "native") -> None:
+        self.rank = rank
+        self.size = size
+        self.timeout = _env_timeout() if timeout is None else float(timeout)
+        if self.timeout <= 0:
+            raise ValueError(f"timeout must be positive seconds, got {timeout}")
+        self.algorithm = self._check_algorithm(algorithm)
+        self.device = torch.device("cpu")  # where object collectives stage their bytes
+        self._verify_left = -1 if os.environ.get("DISTRIB_VERIFY") == "all" else VERIFY_CALLS
+        self._engine = Engine(f"distrib-{self.backend}-rank{rank}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(rank={self.rank}, size={self.size}, algorithm={self.algorithm!r})"
+
+    # Point-to-point: all a backend must provide for the Python algorithms.
+
+    @abc.abstractmethod
+    def post(
+        self, sends: Sequence[tuple[torch.Tensor, int]] = (), recvs: Sequence[tuple[torch.Tensor, int]] = ()
+    ) -> Pending:
+        """Start sends and receives of contiguous tensors together (NCCL needs them grouped)."""
+
+    @abc.abstractmethod
+    def wait_all(self, pending: Pending, what: str) -> None:
+        """Wait until the deadline, else raise CollectiveTimeout naming `what` and the peers not heard from."""
+
+    def send(self, t: torch.Tensor, dst: int) -> None:
+        self.wait_all(self.post(sends=[(t, dst)]), "send")
+
+    def recv(self, t: torch.Tensor, src: int) -> None:
+        self.wait_all(self.post(recvs=[(t, src)]), "recv")
+
+    def sendrecv(self, send: torch.Tensor, dst: int, recv: torch.Tensor, src: int) -> None:
+        self.wait_all(self.post(sends=[(send, dst)], recvs=[(recv, src)]), "sendrecv")
+
+    def _timeout(self, what: str, missing: Iterable[int]) -> CollectiveTimeout:
+        """The error for peers that did not arrive in time (-1 stands for a native collective's 'someone')."""
+        missing = sorted(set(missing))
+        who = "the other ranks" if -1 in missing or not missing else f"rank(s) {missing}"
+        return CollectiveTimeout(
+            f"{what}: rank {self.rank} waited {self.timeout:g} s for {who}; a rank died, hangs, or called a "
+            "different collective (raise DISTRIB_TIMEOUT if it is only slow)"
+        )
+
+    # The library's own collectives, on contiguous tensors of a supported device; op is sum, max or min.
+
+    @abc.abstractmethod
+    def _native_allreduce(self, flat: torch.Tensor, op: str) -> None: ...
+
+    @abc.abstractmethod
+    def _native_reduce_scatter(self, flat: torch.Tensor, out: torch.Tensor, op: str) -> None: ...
+
+    @abc.abstractmethod
+    def _native_allgather(self, shard: torch.Tensor, out: torch.Tensor) -> None: ...
+
+    @abc.abstractmethod
+    def _native_broadcast(self, t: torch.Tensor, root: int) -> None: ...
+
+    @abc.abstractmethod
+    def _native_barrier(self) -> None: ...
+
+    # The public collectives.
+
+    def allreduce(
+        self, t: torch.Tensor, op: str = "sum", algorithm: str | None = None, async_op: bool = False
+    ) -> torch.Tensor | Handle:
+        """Reduce `t` over all ranks, in place; returns `t` (or a handle whose wait() returns it)."""
+        self._check(t, op)
+        algorithm = self._check_algorithm(algorithm or self.algorithm)
+
+        def job() -> torch.Tensor:
+            self._verify("allreduce", t, op, algorithm)
+            if self.size == 1 or t.numel() == 0:
+                return t
+            work = self._staged(t)
+            flat = work.view(-1)
+            base_op = "sum" if op == "avg" else op
+            if algorithm == "native":
+                self._native_allreduce(flat, base_op)
+            elif algorithm == "ring":
+                algorithms.ring_allreduce_(self, flat, base_op)
+            else:
+                algorithms.naive_allreduce_(self, flat, base_op)
+            if op == "avg":
+                flat.div_(self.size)
+            if work is not t:
+                t.copy_(work)
+            return t
+
+        return self._run(job, async_op)
+
+    def reduce_scatter(
+        self, t: torch.Tensor, op: str = "sum", algorithm: str | None = None, async_op: bool = False
+    ) -> torch.Tensor | Handle:
+        """Reduce `t` over ranks and return this rank's part of dim 0 split into `size` equal parts.
+
+        `t` serves as scratch space: afterwards its contents are unspecified (the result may be a view of it).
+        """
+        self._check(t, op)
+        algorithm = self._check_algorithm(algorithm or self.algorithm)
+        if t.dim() == 0 or t.shape[0] % self.size:
+            raise ValueError(
+                f"reduce_scatter needs dim 0 divisible by the world size {self.size}, got shape "
+                f"{tuple(t.shape)}; pad the tensor"
+            )
+
+        def job() -> torch.Tensor:
+            self._verify("reduce_scatter", t, op, algorithm)
+            if self.size == 1:
+                return t
+            work = self._staged(t)
+            flat = work.view(-1)
+            part = flat.numel() // self.size
+            base_op = "sum" if op == "avg" else op
+            if algorithm == "native":
+                shard = torch.empty(part, dtype=t.dtype, device=work.device)
+                if part:
+                    self._native_reduce_scatter(flat, shard, base_op)
+            elif algorithm == "ring":
+                shard = algorithms.ring_reduce_scatter_(self, flat, base_op)
+            else:
+                algorithms.naive_allreduce_(self, flat, base_op)
+                shard = flat[self.rank * part : (self.rank + 1) * part]
+            if op == "avg":
+                shard.div_(self.size)
+            return shard.view(t.shape[0] // self.size, *t.shape[1:]).to(t.device)
+
+        return self._run(job, async_op)
+
+    def allgather(
+        self,
+        t: torch.Tensor,
+        out: torch.Tensor | None = None,
+        algorithm: str | None = None,
+        async_op: bool = False,
+    ) -> torch.Tensor | Handle:
+        """Every rank's `t` concatenated along dim 0, written into `out` when given (t may be a view of it)."""
+        self._check(t, "sum")
+        algorithm = self._check_algorithm(algorithm or self.algorithm)
+        shape = (self.size * (t.shape[0] if t.dim() else 1), *t.shape[1:])
+        if out is None:
+            out = torch.empty(shape, dtype=t.dtype, device=t.device)
+        elif tuple(out.shape) != shape or out.dtype != t.dtype or not out.is_contiguous():
+            raise ValueError(
+                f"allgather out must be a contiguous {t.dtype} tensor of shape {shape}, got "
+                f"{'non-contiguous ' if not out.is_contiguous() else ''}{out.dtype} {tuple(out.shape)}"
+            )
+
+        def job() -> torch.Tensor:
+            self._verify("allgather", t, "", algorithm)
+            work = self._staged(out, copy_in=False)
+            flat = work.view(-1)
+            part = t.numel()
+            mine = flat[self.rank * part : (self.rank + 1) * part]
+            if mine.data_ptr() != t.data_ptr() or t.device != work.device or not t.is_contiguous():
+                mine.copy_(t.reshape(-1))
+            if self.size > 1 and part:
+                if algorithm == "native":
+                    self._native_allgather(mine, flat)
+                elif algorithm == "ring":
+                    algorithms.ring_allgather_(self, flat)
+                else:
+                    algorithms.naive_allgather_(self, flat)
+            if work is not out:
+                out.copy_(work)
+            return out
+
+        return self._run(job, async_op)
+
+    def broadcast(self, t: torch.Tensor, root: int = 0, async_op: bool = False) -> torch.Tensor | Handle:
+        """Copy rank `root`'s `t` into every rank's `t`, in place."""
+        self._check(t, "sum")
+        if not 0 <= root < self.size:
+            raise ValueError(f"broadcast root {root} is not a rank of a world of size {self.size}")
+
+        def job() -> torch.Tensor:
+            self._verify("broadcast", t, str(root), "native")
+            if self.size == 1 or t.numel() == 0:
+                return t
+            work = self._staged(t, copy_in=self.rank == root)
+            self._native_broadcast(work.view(-1), root)
+            if work is not t:
+                t.copy_(work)
+            return t
+
+        return self._run(job, async_op)
+
+    def barrier(self, async_op: bool = False) -> None | Handle:
+        """Return once every rank has called barrier (or raise CollectiveTimeout)."""
+        return self._run(lambda: self._native_barrier() if self.size > 1 else None, async_op)
+
+    def allgather_object(self, obj: Any) -> list[Any]:
+        """Every rank's picklable `obj`, as a list indexed by rank."""
+        return self._run(lambda: self._allgather_object(obj), async_op=False)
+
+    def broadcast_object(self, obj: Any, root: int = 0) -> Any:
+        """Rank `root`'s picklable `obj`, on every rank."""
+        if self.size == 1:
+            return obj
+        gathered = self.allgather_object(obj if self.rank == root else None)
+        return gathered[root]
+
+    def close(self) -> None:  # noqa: B027 -- most backends hold nothing to release
+        """Release the backend's resources; the communicator must not be used afterwards."""
+
+    # Shared machinery.
+
+    def _run(self, job: Callable[[], Any], async_op: bool) -> Any:
+        if async_op:
+            return self._engine.submit(job)
+        if self._engine.idle:  # nothing queued before us: run on the caller's thread, no hand-off cost
+            return job()
+        return self._engine.submit(job).wait()  # queued behind earlier async work, to keep the order
+
+    def _allgather_object(self, obj: Any) -> list[Any]:
+        if self.size == 1:
+            return [obj]
+        data = pickle.dumps(obj)
+        lengths = torch.zeros(self.size, dtype=torch.int64, device=self.device)
+        self._native_allgather(torch.tensor([len(data)], device=self.device), lengths)
+        width = int(lengths.max())
+        mine = torch.zeros(width, dtype=torch.uint8)
+        mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else mine[:0]
+        everyone = torch.empty(width * self.size, dtype=torch.uint8, device=self.device)
+        self._native_allgather(mine.to(self.device), everyone)
+        everyone = everyone.cpu()
+        return [
+            pickle.loads(everyone[r * width : r * width + int(n)].numpy().tobytes())
+            for r, n in enumerate(lengths.tolist())
+        ]
+
+    def _verify(self, name: str, t: torch.Tensor, op: str, algorithm: str) -> None:
+        """Check that every rank calls the same collective on the same shape and dtype, else fail on all."""
+        if self._verify_left == 0 or self.size == 1:
+            return
+        if self._verify_left > 0:
+            self._verify_left -= 1
+        desc = f"{name}(op={op!r}, algorithm={algorithm!r}) on {t.dtype} {tuple(t.shape)}"
+        prints = torch.zeros(self.size, dtype=torch.int64, device=self.device)
+        prints[self.rank] = zlib.crc32(desc.encode())
+        # Through rank 0, point to point: a rank that never arrives is named in the timeout.
+        algorithms.naive_allgather_(self, prints, f"{name}: cross-rank check")
+        if bool((prints == prints[0]).all()):
+            return
+        descs = self._allgather_object(desc)
+        lines = "; ".join(f"rank {r}: {d}" for r, d in enumerate(descs))
+        raise CollectiveError(f"collective calls differ across ranks ({lines}); every rank must call the same")
+
+    def _staged(self, t: torch.Tensor, copy_in: bool = True) -> torch.Tensor:
+        """`t` itself when the backend can use it, else a contiguous copy on a device it can (host, pinned)."""
+        if t.is_contiguous() and t.device.type in self.devices:
+            return t
+        device = t.device if t.device.type in self.devices else torch.device("cpu")
+        pin = device.type == "cpu" and t.device.type == "cuda"
+        work = torch.empty(t.shape, dtype=t.dtype, device=device, pin_memory=pin)
+        if copy_in:
+            work.copy_(t)
+        return work
+
+    def _check_algorithm(self, algorithm: str) -> str:
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}; got {algorithm!r}")
+        return algorithm
+
+    @staticmethod
+    def _check(t: Any, op: str) -> None:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"collectives take a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in DTYPES:
+            names = ", ".join(str(d).removeprefix("torch.") for d in DTYPES)
+            raise TypeError(f"dtype {t.dtype} is not supported; use one of {names}")
+        if op not in OPS:
+            raise ValueError(f"op must be one of {', '.join(OPS)}; got {op!r}")
+        if op == "avg" and not t.is_floating_point():
+            raise ValueError(f"op='avg' needs a floating-point tensor, got {t.dtype}; use op='sum' and divide")

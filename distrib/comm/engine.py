@@ -1,0 +1,78 @@
+"""A background thread that runs queued collectives in order and hands back handles.
+
+Python-level algorithms (naive, ring) have no asynchronous form of their own; running them on this thread lets
+them overlap with backward just as a library's native non-blocking collectives do. One thread per
+communicator keeps every rank's collectives in the same order, which is what makes them match up.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+
+class Handle:
+    """The result of an asynchronous collective: `wait()` returns it (or raises its error)."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._result: Any = None
+        self._error: BaseException | None = None
+
+    def is_completed(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self) -> Any:
+        # No deadline here: the collective itself carries one and fails the handle when it passes.
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def _finish(self, result: Any = None, error: BaseException | None = None) -> None:
+        self._result, self._error = result, error
+        self._done.set()
+
+
+class Engine:
+    """Runs submitted callables one at a time, in submission order, on a daemon thread."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._queue: queue.SimpleQueue[tuple[Callable[[], Any], Handle]] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._failed: BaseException | None = None
+
+    @property
+    def idle(self) -> bool:
+        """True when nothing is queued or running, so a caller may run a collective inline."""
+        return self._pending == 0
+
+    def submit(self, job: Callable[[], Any]) -> Handle:
+        handle = Handle()
+        with self._lock:
+            self._pending += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread.start()
+        self._queue.put((job, handle))
+        return handle
+
+    def _run(self) -> None:
+        while True:
+            job, handle = self._queue.get()
+            if self._failed is not None:
+                # Collectives after a failed one would only hang or mismatch; fail them with the first error.
+                handle._finish(error=self._failed)
+            else:
+                try:
+                    handle._finish(result=job())
+                except BaseException as error:  # noqa: BLE001 -- handed to whoever waits on the handle
+                    self._failed = error
+                    handle._finish(error=error)
+            with self._lock:
+                self._pending -= 1

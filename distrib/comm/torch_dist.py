@@ -1,0 +1,151 @@
+"""The torch.distributed backend: gloo (CPU) and NCCL (CUDA), on the default process group.
+
+Using the default group means a torch script's own `dist.get_rank()`, `dist.barrier()` and DistributedSampler
+keep working next to distrib. Under mpirun, `rendezvous` finds the address through MPI, so the user sets no
+MASTER_ADDR or MASTER_PORT.
+"""
+
+from __future__ import annotations
+
+import atexit
+import fcntl
+import os
+import socket
+import struct
+import time
+from collections.abc import Sequence
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from distrib.comm.base import CollectiveError, Communicator, Pending, Request
+
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+class TorchCommunicator(Communicator):
+    """Collectives over torch.distributed's default process group (initialised here if it is not yet)."""
+
+    def __init__(
+        self,
+        backend: str,
+        rank: int,
+        size: int,
+        *,
+        store: dist.Store | None = None,
+        local_rank: int = 0,
+        timeout: float | None = None,
+        algorithm: str = "native",
+    ) -> None:
+        self.backend = backend
+        super().__init__(rank, size, timeout=timeout, algorithm=algorithm)
+        if backend == "nccl":
+            self.device = torch.device("cuda", local_rank)
+            self.devices = ("cuda",)
+            torch.cuda.set_device(self.device)
+        if not dist.is_initialized():
+            dist.init_process_group(
+                backend, store=store, rank=rank, world_size=size, timeout=timedelta(seconds=self.timeout)
+            )
+            atexit.register(self.close)  # a gloo group left open at exit can abort the process
+        elif (dist.get_rank(), dist.get_world_size()) != (rank, size):
+            raise CollectiveError(
+                f"torch.distributed is already initialised as rank {dist.get_rank()} of "
+                f"{dist.get_world_size()}, but this process is rank {rank} of {size}"
+            )
+
+    def post(
+        self, sends: Sequence[tuple[torch.Tensor, int]] = (), recvs: Sequence[tuple[torch.Tensor, int]] = ()
+    ) -> Pending:
+        ops = [dist.P2POp(dist.irecv, t, src) for t, src in recvs]
+        ops += [dist.P2POp(dist.isend, t, dst) for t, dst in sends]
+        peers = [src for _, src in recvs] + [dst for _, dst in sends]
+        return list(zip(dist.batch_isend_irecv(ops), peers)) if ops else []
+
+    def wait_all(self, pending: Pending, what: str) -> None:
+        deadline = time.monotonic() + self.timeout
+        for work, peer in pending:
+            left = max(deadline - time.monotonic(), 0.001)
+            try:
+                work.wait(timeout=timedelta(seconds=left))
+            except RuntimeError as error:
+                text = str(error).splitlines()[0] if str(error) else type(error).__name__
+                if "timed out" in text.lower() or "timeout" in text.lower():
+                    missing = [p for w, p in pending if not w.is_completed()] or [peer]
+                    raise self._timeout(f"{what} ({self.backend}: {text})", missing) from error
+                who = "another rank" if peer < 0 else f"rank {peer}"
+                raise CollectiveError(f"{what}: rank {self.rank} lost {who} ({self.backend}: {text})") from error
+
+    def _wait(self, work: Request, what: str) -> None:
+        self.wait_all([(work, -1)], f"{self.backend} {what}")
+
+    def _native_allreduce(self, flat: torch.Tensor, op: str) -> None:
+        self._wait(dist.all_reduce(flat, op=_OPS[op], async_op=True), "allreduce")
+
+    def _native_reduce_scatter(self, flat: torch.Tensor, out: torch.Tensor, op: str) -> None:
+        if self.backend == "gloo":  # gloo has no reduce_scatter: reduce everything, keep our part
+            self._native_allreduce(flat, op)
+            out.copy_(flat[self.rank * out.numel() : (self.rank + 1) * out.numel()])
+            return
+        self._wait(dist.reduce_scatter_tensor(out, flat, op=_OPS[op], async_op=True), "reduce_scatter")
+
+    def _native_allgather(self, shard: torch.Tensor, out: torch.Tensor) -> None:
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.10+
+        self._wait(gather(out, shard.clone(), async_op=True), "allgather")
+
+    def _native_broadcast(self, t: torch.Tensor, root: int) -> None:
+        self._wait(dist.broadcast(t, src=root, async_op=True), f"broadcast from rank {root}")
+
+    def _native_barrier(self) -> None:
+        token = torch.zeros(1, device=self.device)
+        self._native_allreduce(token, "sum")  # an allreduce, because gloo's barrier ignores wait timeouts
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def rendezvous(comm: Communicator) -> dist.TCPStore:
+    """A torch.distributed store, set up through an existing communicator (MPI) instead of MASTER_ADDR.
+
+    Rank 0 opens the store on a free port of an address every rank can reach (loopback when all ranks share
+    one network namespace) and tells the others through `comm`.
+    """
+    places = comm.allgather_object((socket.gethostname(), _netns()))
+    same_host = all(place == places[0] for place in places)
+    store = None
+    if comm.rank == 0:
+        host = os.environ.get("MASTER_ADDR") or ("127.0.0.1" if same_host else _routable_address())
+        store = dist.TCPStore(
+            host, 0, comm.size, is_master=True, timeout=timedelta(seconds=comm.timeout), wait_for_workers=False
+        )
+        address = (host, store.port)
+    host, port = comm.broadcast_object(address if comm.rank == 0 else None)
+    if store is None:
+        store = dist.TCPStore(host, port, comm.size, is_master=False, timeout=timedelta(seconds=comm.timeout))
+    return store
+
+
+def _netns() -> str:
+    try:
+        return os.readlink("/proc/self/ns/net")
+    except OSError:
+        return ""
+
+
+def _routable_address() -> str:
+    """The first non-loopback IPv4 address of this host's interfaces."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for _, name in socket.if_nameindex():
+            try:
+                packed = fcntl.ioctl(probe.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))  # SIOCGIFADDR
+            except OSError:
+                continue
+            address = socket.inet_ntoa(packed[20:24])
+            if not address.startswith("127."):
+                return address
+    finally:
+        probe.close()
+    raise CollectiveError("no non-loopback IPv4 address found for rank 0; set MASTER_ADDR to one the ranks can reach")
