@@ -1,0 +1,37 @@
+"""Run commands under real launchers (mpiexec, torchrun) with an outer deadline, for the tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+MPIEXEC = str(BIN / "mpiexec") if (BIN / "mpiexec").exists() else "mpiexec"
+TORCHRUN = str(BIN / "torchrun") if (BIN / "torchrun").exists() else "torchrun"
+
+
+def launcher_command(launcher: str, n: int, args: list[str]) -> list[str]:
+    """The command that starts `python args...` on n ranks through mpiexec or torchrun."""
+    if launcher == "mpiexec":
+        return [MPIEXEC, "-n", str(n), sys.executable, *args]
+    if launcher == "torchrun":
+        return [TORCHRUN, "--standalone", "--nproc-per-node", str(n), *args]
+    raise ValueError(launcher)
+
+
+def run(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run cmd from the repository root; a hang past `timeout` fails the test instead of freezing it."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
+    try:
+        return subprocess.run(cmd, check=False, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as error:
+        out = (error.stdout or b"").decode() if isinstance(error.stdout, bytes) else (error.stdout or "")
+        err = (error.stderr or b"").decode() if isinstance(error.stderr, bytes) else (error.stderr or "")
+        raise AssertionError(f"hung past {timeout} s: {' '.join(cmd)}\n{out[-3000:]}\n{err[-3000:]}") from None
+
+
+def run_ranks(launcher: str, n: int, args: list[str], timeout: float, env: dict[str, str] | None = None):
+    return run(launcher_command(launcher, n, args), timeout, env)

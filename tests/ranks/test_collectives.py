@@ -1,0 +1,152 @@
+"""Every collective, every algorithm, against a float64 numpy reference, at whatever world size launched us."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+ALGORITHMS = ["naive", "ring", "native"]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.int64]
+HALF = (torch.float16, torch.bfloat16)
+
+
+def rank_tensor(rank: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rank `rank`'s input: different on every rank, reproducible on every rank."""
+    gen = torch.Generator().manual_seed(1000 * rank + numel)
+    if dtype.is_floating_point:
+        return (torch.randn(numel, generator=gen, dtype=torch.float64) * 4).to(dtype)
+    return torch.randint(-100, 100, (numel,), generator=gen, dtype=dtype)
+
+
+def reference(size: int, numel: int, dtype: torch.dtype, op: str) -> np.ndarray:
+    inputs = np.stack([rank_tensor(r, numel, dtype).double().numpy() for r in range(size)])
+    return {"sum": inputs.sum(0), "avg": inputs.mean(0), "max": inputs.max(0), "min": inputs.min(0)}[op]
+
+
+def assert_matches(result: torch.Tensor, expected: np.ndarray, dtype: torch.dtype, size: int) -> None:
+    got = result.double().numpy()
+    if dtype in HALF:  # partial sums are rounded to 8 (bf16) or 11 (fp16) bits along the way
+        eps = 2**-8 if dtype == torch.bfloat16 else 2**-11
+        np.testing.assert_allclose(got, expected, rtol=4 * size * eps, atol=4 * 4 * size * eps)
+    elif dtype == torch.float32:
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    else:
+        np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)  # another summation order
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("numel", [0, 1, 3, 10, 1_000_003])  # 3 < 4 ranks; 1_000_003 is prime
+def test_allreduce_sum(comm, algorithm, dtype, numel):
+    t = rank_tensor(comm.rank, numel, dtype)
+    assert comm.allreduce(t, algorithm=algorithm) is t  # in place
+    assert_matches(t, reference(comm.size, numel, dtype, "sum"), dtype, comm.size)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("op", ["avg", "max", "min"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64], ids=str)
+def test_allreduce_ops(comm, algorithm, op, dtype):
+    if op == "avg" and not dtype.is_floating_point:
+        pytest.skip("avg of integers is refused (tested in test_local.py)")
+    t = rank_tensor(comm.rank, 1001, dtype)
+    comm.allreduce(t, op=op, algorithm=algorithm)
+    assert_matches(t, reference(comm.size, 1001, dtype, op), dtype, comm.size)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_allreduce_multidimensional_and_non_contiguous(comm, algorithm):
+    base = rank_tensor(comm.rank, 6 * 7, torch.float32).view(6, 7)
+    t = base.t()  # a non-contiguous view: reduced through a contiguous copy, written back in place
+    assert not t.is_contiguous()
+    comm.allreduce(t, algorithm=algorithm)
+    expected = reference(comm.size, 6 * 7, torch.float32, "sum").reshape(6, 7)
+    np.testing.assert_allclose(base.numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int32], ids=str)
+@pytest.mark.parametrize("rows", [0, 1, 5])
+def test_reduce_scatter(comm, algorithm, dtype, rows):
+    n = comm.size
+    t = rank_tensor(comm.rank, rows * n * 3, dtype).view(rows * n, 3)
+    part = comm.reduce_scatter(t, algorithm=algorithm)
+    expected = reference(n, rows * n * 3, dtype, "sum").reshape(rows * n, 3)[comm.rank * rows : (comm.rank + 1) * rows]
+    assert part.shape == (rows, 3) and part.dtype == dtype
+    assert_matches(part, expected, dtype, n)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_reduce_scatter_avg(comm, algorithm):
+    t = rank_tensor(comm.rank, comm.size * 11, torch.float64)
+    part = comm.reduce_scatter(t, op="avg", algorithm=algorithm)
+    expected = reference(comm.size, comm.size * 11, torch.float64, "avg")[comm.rank * 11 : (comm.rank + 1) * 11]
+    assert_matches(part, expected, torch.float64, comm.size)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int64], ids=str)
+@pytest.mark.parametrize("shape", [(), (0,), (1,), (2, 3), (1_000_003,)], ids=str)
+def test_allgather(comm, algorithm, dtype, shape):
+    numel = int(np.prod(shape))
+    t = rank_tensor(comm.rank, numel, dtype).view(shape)
+    out = comm.allgather(t, algorithm=algorithm)
+    rows = shape[0] if shape else 1
+    assert out.shape == (comm.size * rows, *shape[1:])
+    for r in range(comm.size):
+        assert torch.equal(out[r * rows : (r + 1) * rows].reshape(-1), rank_tensor(r, numel, dtype))
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_allgather_in_place_into_out(comm, algorithm):
+    """ZeRO's use: this rank's shard already sits in its slot of the flat buffer."""
+    out = torch.zeros(comm.size * 7)
+    mine = out[comm.rank * 7 : (comm.rank + 1) * 7]
+    mine.copy_(rank_tensor(comm.rank, 7, torch.float32))
+    assert comm.allgather(mine, out=out, algorithm=algorithm) is out
+    expected = torch.cat([rank_tensor(r, 7, torch.float32) for r in range(comm.size)])
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("root", ["first", "last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64], ids=str)
+def test_broadcast(comm, root, dtype):
+    root = 0 if root == "first" else comm.size - 1
+    t = rank_tensor(comm.rank, 1001, dtype).view(7, 11, 13)
+    assert comm.broadcast(t, root=root) is t
+    assert torch.equal(t.reshape(-1), rank_tensor(root, 1001, dtype))
+
+
+def test_async_handles_complete_in_order(comm):
+    tensors = [rank_tensor(comm.rank, 5000, torch.float64) for _ in ALGORITHMS]
+    handles = [comm.allreduce(t, algorithm=a, async_op=True) for t, a in zip(tensors, ALGORITHMS)]
+    comm.barrier()  # a blocking call queues behind the async ones instead of overtaking them
+    for handle, t in reversed(list(zip(handles, tensors))):
+        assert handle.wait() is t
+        assert handle.is_completed()
+        assert_matches(t, reference(comm.size, 5000, torch.float64, "sum"), torch.float64, comm.size)
+
+
+def test_async_reduce_scatter_and_allgather(comm):
+    t = rank_tensor(comm.rank, comm.size * 4, torch.float32)
+    part = comm.reduce_scatter(t, algorithm="ring", async_op=True).wait()
+    out = comm.allgather(part, algorithm="ring", async_op=True).wait()
+    assert_matches(out, reference(comm.size, comm.size * 4, torch.float32, "sum"), torch.float32, comm.size)
+
+
+def test_objects(comm):
+    assert comm.allgather_object({"rank": comm.rank}) == [{"rank": r} for r in range(comm.size)]
+    assert (
+        comm.broadcast_object("from the last" if comm.rank == comm.size - 1 else None, root=comm.size - 1)
+        == "from the last"
+    )
+
+
+def test_point_to_point_ring(comm):
+    right, left = (comm.rank + 1) % comm.size, (comm.rank - 1) % comm.size
+    if comm.size == 1:
+        pytest.skip("no peers in a world of one")
+    got = torch.empty(3, dtype=torch.int64)
+    comm.sendrecv(torch.full((3,), comm.rank), right, got, left)
+    assert got.tolist() == [left] * 3
