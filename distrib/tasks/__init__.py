@@ -1,0 +1,41 @@
+"""Built-in tasks, by name, and loading a user's own task from "package.module:factory"."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+from distrib.tasks.base import Batch, Models, Task
+from distrib.tasks.classify import Classify
+
+BUILTIN: dict[str, Callable[..., Task]] = {"classify": Classify}
+
+
+def load(spec: str, seed: int = 0) -> Task:
+    """A built-in task by name, or a user's factory given as "package.module:factory", called with seed=..."""
+    if spec in BUILTIN:
+        return BUILTIN[spec](seed=seed)
+    module_name, colon, attr = spec.partition(":")
+    if not colon or not module_name or not attr:
+        raise ValueError(
+            f"unknown task {spec!r}: use one of {', '.join(BUILTIN)} or 'package.module:factory' for your own"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"task {spec!r}: cannot import {module_name!r} ({error}); is it on PYTHONPATH?") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ValueError(f"task {spec!r}: {module_name} has no callable {attr!r}")
+    task = factory(seed=seed)
+    missing = [
+        name
+        for name in ("phases", "build", "collect", "validation", "apply", "targets", "loss", "evaluate")
+        if not hasattr(task, name)
+    ]
+    if missing:
+        raise ValueError(f"task {spec!r} lacks {', '.join(missing)}: see distrib/tasks/base.py for the protocol")
+    return task
+
+
+__all__ = ["BUILTIN", "Batch", "Models", "Task", "load"]

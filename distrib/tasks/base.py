@@ -1,0 +1,53 @@
+"""What a task tells the universal loop: its models, its data, how to derive targets, its loss and its stats."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from distrib.comm import Communicator
+
+Models = dict[str, nn.Module]
+Batch = Sequence[torch.Tensor]  # tensors sharing dim 0: inputs, and targets when the data carries them
+
+
+@runtime_checkable
+class Task(Protocol):
+    """The stages of the seed's loop that differ between tasks; the loop itself stays one loop.
+
+    `phases` names the models updated in turn on each minibatch: ("model",) for most tasks, a GAN's
+    ("discriminator", "generator"). Each phase has its own optimizer and its own apply/targets/loss.
+    """
+
+    phases: Sequence[str]
+
+    def build(self) -> Models:
+        """Fresh models, keyed by phase (built identically on every rank from the task's seed)."""
+        ...
+
+    def collect(self, epoch: int, models: Models, comm: Communicator) -> Batch:
+        """This epoch's training data, identical on every rank: from disk, or from acting in an environment."""
+        ...
+
+    def validation(self) -> Batch:
+        """Held-out data, never trained on."""
+        ...
+
+    def apply(self, phase: str, models: Models, batch: Batch) -> torch.Tensor:
+        """The guesses of the phase's model on a minibatch."""
+        ...
+
+    def targets(self, phase: str, models: Models, batch: Batch, guesses: torch.Tensor) -> torch.Tensor:
+        """Targets: given by the data, derived from the input, from noise, or from future rewards."""
+        ...
+
+    def loss(self, phase: str, guesses: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-sample losses, shape [batch]: the loop weights and sums them so any world size gives one result."""
+        ...
+
+    def evaluate(self, models: Models, batch: Batch) -> dict[str, float]:
+        """Validation sums over a batch (e.g. loss, correct) plus "count"; the loop adds them over ranks."""
+        ...
