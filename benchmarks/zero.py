@@ -1,6 +1,7 @@
 """How fast is ZeRO-Offload? Section cpu_adam: the CPU optimizer step against torch.optim.Adam and DRAM.
+Section train: a training step and the optimizer memory per rank of ZeRO-Offload against DDP+Adam, 1-4 ranks.
 
-python -m benchmarks.zero [--sizes 1e6 1e7 1e8] [--threads N] [--json FILE] [--plot FILE.png]
+python -m benchmarks.zero [--sections cpu_adam train] [--sizes 1e6 1e7 1e8] [--threads N] [--ranks 1 2 4]
 """
 
 from __future__ import annotations
@@ -8,15 +9,22 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
+import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from distrib.comm import ALGORITHMS
 from distrib.cpu_adam import adam_step_
+from distrib.shards import FlatLayout, flatten_
 
 RESULTS = Path(__file__).parent / "results"
 BYTES_PER_PARAM = 28  # read param, grad, exp_avg, exp_avg_sq (16) + write param, exp_avg, exp_avg_sq (12)
@@ -163,6 +171,151 @@ def machine() -> dict:
     }
 
 
+# Section train: a training step of ZeRO-Offload against DDP+Adam, at each world size, under mpiexec.
+
+WIDTHS = (1024, 3584, 3584, 1024)  # an MLP of 20.2M parameters
+ZERO, DELAYED, DDP = "ZeRO-Offload", "ZeRO-Offload delay_update", "DDP+Adam"
+BLOCK = 3  # steps in a row per implementation
+TRAIN_COLUMNS = {"ranks": "d", "algorithm": "", "impl": "", "median_ms": ".1f", "min_ms": ".1f", "max_ms": ".1f"}
+TRAIN_COLUMNS |= {
+    "after_backward_ms": ".1f",
+    "optimizer_mb_per_rank": ".1f",
+    "time_vs_ddp": ".2f",
+    "memory_vs_ddp": ".3f",
+}
+
+
+class DDPAdam:
+    """The baseline: gradients as views of one flat buffer, one allreduce of it, torch.optim.Adam(fused=True)."""
+
+    def __init__(self, model: torch.nn.Module, comm, algorithm: str) -> None:
+        params = list(model.parameters())
+        _, self.grads = flatten_(params, FlatLayout(tuple(p.shape for p in params), (len(params),), 1))
+        self.comm, self.algorithm, self.adam = comm, algorithm, torch.optim.Adam(params, lr=1e-4, fused=True)
+
+    def step(self) -> None:
+        self.comm.allreduce(self.grads, op="avg", algorithm=self.algorithm)
+        self.adam.step()
+
+    def zero_grad(self) -> None:
+        self.grads.zero_()
+
+    def state_nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for state in self.adam.state.values() for t in state.values())
+
+
+def mlp() -> torch.nn.Module:
+    layers = [m for a, b in itertools.pairwise(WIDTHS) for m in (torch.nn.Linear(a, b), torch.nn.ReLU())]
+    return torch.nn.Sequential(*layers[:-1])
+
+
+def train_rows(comm, algorithm: str, batch: int, warmup: int, repeats: int) -> list[dict]:
+    """One rank: DDP+Adam and ZeRO-Offload (plain, delayed) take turns; each step's time is the slowest rank's."""
+    from distrib.zero import ZeroOffloadOptimizer
+
+    x, y = torch.randn(batch, WIDTHS[0]), torch.randn(batch, WIDTHS[-1])
+    baseline = mlp()
+    runs = {DDP: (baseline, DDPAdam(baseline, comm, algorithm))}
+    for impl in (ZERO, DELAYED):  # Adam, as the baseline's: the same math
+        model, kw = mlp(), {"lr": 1e-4, "weight_decay": 0.0, "adamw": False, "delay_update": impl == DELAYED}
+        runs[impl] = (model, ZeroOffloadOptimizer(model.parameters(), comm=comm, algorithm=algorithm, **kw))
+    times: dict[str, list[list[float]]] = {impl: [] for impl in runs}  # [whole step, after backward]
+
+    def step(impl: str) -> list[float]:
+        model, opt = runs[impl]
+        comm.barrier()
+        start = time.perf_counter()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        backward_done = time.perf_counter()
+        opt.step()
+        opt.zero_grad()
+        end = time.perf_counter()
+        return comm.allreduce(torch.tensor([end - start, end - backward_done]), op="max").tolist()
+
+    # Blocks of BLOCK steps, the order rotating each round, so background load hits all alike; the first step of a
+    # block is not timed, so each is timed in its steady state (the delayed one with a CPU step in flight).
+    names = list(runs)
+    for r in range(warmup + math.ceil(repeats / (BLOCK - 1))):
+        for impl in names[r % 3 :] + names[: r % 3]:
+            took = [step(impl) for _ in range(BLOCK)]
+            if impl == DELAYED:
+                runs[impl][1].flush()  # not timed; nothing left to run into the next block
+            times[impl] += took[1:] if r >= warmup else []
+    rows = []
+    for impl, (model, opt) in runs.items():
+        row = summary("train", impl, sum(p.numel() for p in model.parameters()), [t for t, _ in times[impl]], 0)
+        del row["gbps"]
+        row |= {"ranks": comm.size, "algorithm": algorithm}
+        row["after_backward_ms"] = statistics.median(a for _, a in times[impl]) * 1e3
+        row["optimizer_mb_per_rank"] = comm.allreduce(torch.tensor([opt.state_nbytes()]), op="max").item() / 2**20
+        rows.append(row)
+    return rows
+
+
+def train_worker(out: Path, algorithms: list[str], batch: int, warmup: int, repeats: int) -> None:
+    """Each rank of an mpiexec job; rank 0 writes the rows to `out`."""
+    import distrib
+
+    comm = distrib.init()
+    rows = [row for algorithm in algorithms for row in train_rows(comm, algorithm, batch, warmup, repeats)]
+    if comm.rank == 0:
+        out.write_text(json.dumps(rows))
+
+
+def train(ranks: list[int], algorithms: list[str], batch: int, warmup: int, repeats: int) -> list[dict]:
+    """Rows for each implementation at each world size, each world size one mpiexec job of rank processes."""
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    rows = []
+    for n in ranks:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "rows.json"
+            worker = ["-m", "benchmarks.zero", "--train-worker", str(out), "--batch", str(batch), "--algorithms"]
+            worker += algorithms
+            worker += ["--warmup", str(warmup), "--repeats", str(repeats)]
+            threads = max(1, (os.cpu_count() or 1) // n)  # the cores shared out; more ranks than cores share them
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+            cmd = [str(mpiexec) if mpiexec.exists() else "mpiexec", "-n", str(n), sys.executable, *worker]
+            subprocess.run(cmd, check=True, cwd=Path(__file__).parent.parent, env=env, timeout=1800)
+            found = json.loads(out.read_text())
+        for row in found:
+            ddp = next(r for r in found if r["impl"] == DDP and r["algorithm"] == row["algorithm"])
+            row |= {"threads_per_rank": threads, "time_vs_ddp": row["median_ms"] / ddp["median_ms"]}
+            row["memory_vs_ddp"] = row["optimizer_mb_per_rank"] / ddp["optimizer_mb_per_rank"]
+        rows += found
+    return rows
+
+
+def plot_train(rows: list[dict], path: Path) -> None:
+    """Step time (median, min-max) and optimizer memory per rank against the world size, per implementation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_ms, ax_mb) = plt.subplots(1, 2, figsize=(11, 4.2))
+    algorithms = list(dict.fromkeys(r["algorithm"] for r in rows))
+    for impl, algorithm in dict.fromkeys((r["impl"], r["algorithm"]) for r in rows):
+        mine = [r for r in rows if r["impl"] == impl and r["algorithm"] == algorithm]
+        ranks, median = [r["ranks"] for r in mine], [r["median_ms"] for r in mine]
+        spread = [[m - r["min_ms"] for m, r in zip(median, mine)], [r["max_ms"] - m for m, r in zip(median, mine)]]
+        style = "-" if algorithm == algorithms[0] else "--"
+        ax_ms.errorbar(ranks, median, yerr=spread, marker="o", capsize=3, ls=style, label=f"{impl}, {algorithm}")
+        if algorithm == algorithms[0]:  # the memory does not depend on the algorithm
+            ax_mb.plot(ranks, [r["optimizer_mb_per_rank"] for r in mine], marker="o", label=impl)
+    ax_ms.set(
+        xlabel="ranks", ylabel="training step (ms), median and min-max", title=f"{rows[0]['params']:,} parameters"
+    )
+    ax_mb.set(xlabel="ranks", ylabel="optimizer state per rank (MiB)", yscale="log", title="optimizer memory")
+    for ax in (ax_ms, ax_mb):
+        ax.set_xticks(sorted({r["ranks"] for r in rows}))
+        ax.legend(fontsize=8)
+    fig.suptitle(f"torch {torch.__version__}, {machine()['logical_cpus']} logical CPUs shared by all ranks")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _size(text: str) -> int:
     n = int(float(text))
     if n < 1:
@@ -172,12 +325,19 @@ def _size(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", nargs="+", choices=("cpu_adam", "train"), default=["cpu_adam", "train"])
     parser.add_argument("--sizes", type=_size, nargs="+", default=[10**6, 10**7, 10**8], help="parameter counts")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per implementation")
     parser.add_argument("--repeats", type=int, default=11, help="timed steps per implementation")
     parser.add_argument("--json", type=Path, default=RESULTS / "zero_cpu_adam.json", help="all rows")
     parser.add_argument("--plot", type=Path, default=RESULTS / "zero_cpu_adam.png", help="PNG figure")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4], help="train: world sizes")
+    parser.add_argument("--batch", type=int, default=16, help="train: samples per rank and step")
+    parser.add_argument("--algorithms", nargs="+", choices=ALGORITHMS, default=["native", "ring"], help="train")
+    parser.add_argument("--train-json", type=Path, default=RESULTS / "zero_train.json", help="train rows")
+    parser.add_argument("--train-plot", type=Path, default=RESULTS / "zero_train.png", help="train PNG figure")
+    parser.add_argument("--train-worker", type=Path, help=argparse.SUPPRESS)  # set by train() for each rank
     args = parser.parse_args(argv)
     if args.threads is not None:
         if args.threads < 1:
@@ -185,18 +345,34 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     if args.warmup < 1 or args.repeats < 1:
         parser.error(f"--warmup and --repeats must be >= 1, got {args.warmup} and {args.repeats}")
+    if min(args.ranks) < 1 or args.batch < 1:
+        parser.error(f"--ranks and --batch must be >= 1, got {args.ranks} and {args.batch}")
+    if args.train_worker:
+        train_worker(args.train_worker, args.algorithms, args.batch, args.warmup, args.repeats)
+        return
 
     info = machine()
     print(f"{info['cpu']}, torch {info['torch']} ({info['cpu_capability']}), {info['threads']} threads")
     settings = {"sizes": args.sizes, "warmup": args.warmup, "repeats": args.repeats}
-    rows = cpu_adam(args.sizes, args.warmup, args.repeats)
-    title = f"CPU Adam step, {args.repeats} timed steps, GB/s at {BYTES_PER_PARAM} B/param"
-    print_table(title, rows, CPU_ADAM_COLUMNS)
-
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"machine": info, "settings": settings, "rows": rows}, indent=1) + "\n")
-    plot_cpu_adam(rows, args.plot)
-    print(f"\nwrote {args.json} and {args.plot}")
+    if "cpu_adam" in args.sections:
+        rows = cpu_adam(args.sizes, args.warmup, args.repeats)
+        title = f"CPU Adam step, {args.repeats} timed steps, GB/s at {BYTES_PER_PARAM} B/param"
+        print_table(title, rows, CPU_ADAM_COLUMNS)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"machine": info, "settings": settings, "rows": rows}, indent=1) + "\n")
+        plot_cpu_adam(rows, args.plot)
+        print(f"\nwrote {args.json} and {args.plot}")
+    if "train" in args.sections:
+        rows = train(args.ranks, args.algorithms, args.batch, args.warmup, args.repeats)
+        title = f"Training step, MLP {WIDTHS}, batch {args.batch} per rank, {args.repeats} timed steps (slowest rank)"
+        print_table(title, rows, TRAIN_COLUMNS)
+        settings = {"ranks": args.ranks, "algorithms": args.algorithms, "batch": args.batch, "widths": WIDTHS}
+        settings["warmup"] = args.warmup
+        settings |= {"repeats": args.repeats, "ddp": "flat allreduce(avg) + torch.optim.Adam(fused=True)"}
+        args.train_json.parent.mkdir(parents=True, exist_ok=True)
+        args.train_json.write_text(json.dumps({"machine": info, "settings": settings, "rows": rows}, indent=1) + "\n")
+        plot_train(rows, args.train_plot)
+        print(f"\nwrote {args.train_json} and {args.train_plot}")
 
 
 if __name__ == "__main__":

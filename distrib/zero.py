@@ -1,0 +1,323 @@
+"""ZeroOffloadOptimizer: Adam/AdamW whose state is split across ranks and kept on the CPU (ZeRO-2 with offload).
+
+Every rank holds the whole model; rank r keeps fp32 master weights and Adam moments for shard r of the flat
+parameter buffer only (distrib.shards). One step: reduce-scatter the gradients (averaged over ranks), copy the
+owned shard to the CPU in fp32, run Adam there, copy back in the parameters' dtype, allgather the shards
+straight into the parameters.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from distrib.comm import Communicator
+from distrib.cpu_adam import adam_step_
+from distrib.shards import FlatLayout, check_params, flatten_, gather, per_parameter, scatter_
+from distrib.world import init
+
+__all__ = ["ZeroOffloadOptimizer"]
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+HYPER = ("lr", "betas", "eps", "weight_decay")
+# torch.optim.AdamW's own group keys, so a consolidated state dict loads there as it is.
+TORCH_GROUP = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False, "differentiable": False}
+
+
+class ZeroOffloadOptimizer(torch.optim.Optimizer):
+    """Adam/AdamW for a plain (unwrapped) model, its state sharded over ranks and offloaded to the CPU.
+
+    Use it like torch.optim.AdamW: ``loss.backward(); opt.step(); opt.zero_grad()``, and clip with
+    ``opt.clip_grad_norm_(max_norm)`` between the last backward and step(). Gradients accumulate in ``.grad``
+    over micro-batches; only step() communicates. ``delay_update=True`` (the ZeRO-Offload paper's DPU) runs the
+    CPU step of step t in a thread while step t+1 computes: each gradient is then taken at parameters one update
+    older than without it, which changes the math; ``flush()`` applies the update still in flight. A parameter
+    that gets no gradient in a step is stepped with a zero one (torch.optim skips it).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        adamw: bool = True,
+        *,
+        comm: Communicator | None = None,
+        algorithm: str | None = None,
+        delay_update: bool = False,
+    ) -> None:
+        params = list(params)
+        if not params:
+            raise ValueError("ZeroOffloadOptimizer got an empty parameter list; pass model.parameters()")
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        for group in self.param_groups:
+            _check_group(group)
+        self._params: list[Tensor] = [p for group in self.param_groups for p in group["params"]]
+        check_params(self._params, DTYPES)
+        self.comm = comm if comm is not None else init()
+        self.algorithm, self.adamw, self.delay_update = algorithm, adamw, delay_update
+        sizes = tuple(len(group["params"]) for group in self.param_groups)
+        self.layout = FlatLayout(tuple(p.shape for p in self._params), sizes, self.comm.size)
+        self._flat, self._flat_grad = flatten_(self._params, self.layout)
+        self._views, self._grads = self.layout.views(self._flat), self.layout.views(self._flat_grad)
+        self.comm.broadcast(self._flat, 0)  # every rank starts from rank 0's weights
+        self._own = self._flat[self.layout.shard(self.comm.rank)]
+        self._spans = self.layout.group_spans(self.comm.rank)
+        # The CPU side: pinned when the parameters live on a GPU, so the copies both ways run at full speed.
+        self._host = functools.partial(
+            torch.zeros, self._own.numel(), dtype=torch.float32, pin_memory=self._flat.is_cuda
+        )
+        self._exp_avg, self._exp_avg_sq = self._host(), self._host()
+        # fp32 parameters on the CPU, not delayed: the owned shard itself is the master, updated in place.
+        separate = delay_update or self._flat.dtype != torch.float32 or self._flat.device.type != "cpu"
+        self._master: Tensor | None = None if separate else self._own  # separate: read from the parameters
+        self._grad_buf = self._host() if separate else None  # the reduced gradient shard, on the CPU in fp32
+        self._steps = 0
+        self._reduced: Tensor | None = None  # this step's averaged gradient shard, once reduce-scattered
+        self._pending: Future | None = None  # delay_update: the CPU step in flight
+        self._unpublished = False  # the owned shard of the parameters lags the master
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="zero-cpu-step") if delay_update else None
+        # Set by every gradient accumulation, so zero_grad() right after step() skips a second memset. The
+        # hooks hold only the event, never the optimizer and its state.
+        self._dirty = threading.Event()
+        self._dirty.set()  # gradients present before construction were copied in
+        for p in self._params:
+            p.register_post_accumulate_grad_hook(lambda _, dirty=self._dirty: dirty.set())
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if hasattr(self, "layout"):
+            raise RuntimeError("ZeroOffloadOptimizer's flat layout is fixed at construction; pass every group then")
+        super().add_param_group(param_group)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Reduce-scatter the gradients, Adam on the owned shard on the CPU, allgather the parameters."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad = self._reduce()
+        self._wait()  # delay_update: the previous CPU step is done with the CPU buffers
+        if self._grad_buf is not None:
+            grad = self._grad_buf.copy_(grad)
+        master = self._master_shard()
+        self._steps += 1
+        # The hyperparameters are read now: a scheduler may change lr while a delayed step still runs.
+        hyper = [(span, dict(self.param_groups[g])) for g, span in self._spans]
+        self._reduced = None
+        if self._worker is None:
+            self._cpu_step(master, grad, self._steps, hyper)
+            self._unpublished = True
+        self._flat_grad.zero_()  # the reduce-scatter left scratch there; the next backward adds to zeros
+        self._dirty.clear()
+        self._publish()  # this step's weights; delay_update: the previous step's
+        if self._worker is not None:
+            self._pending = self._worker.submit(self._cpu_step, master, grad, self._steps, hyper)
+            self._unpublished = True
+        return loss
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
+        """Scale this step's averaged gradients to a global norm of at most max_norm; returns the norm before.
+
+        As torch.nn.utils.clip_grad_norm_ on the whole model, but the norm is summed over every rank's shard.
+        Call it after the last backward of the step, before step(): it runs step()'s reduce-scatter early.
+        """
+        max_norm, norm_type = float(max_norm), float(norm_type)
+        if not max_norm >= 0:
+            raise ValueError(f"max_norm must be >= 0, got {max_norm!r}")
+        if not norm_type > 0:
+            raise ValueError(f"norm_type must be > 0 (2.0 for the Euclidean norm, inf for the max), got {norm_type!r}")
+        shard = self._reduce()
+        part = shard.float().abs()
+        if math.isinf(norm_type):
+            total = self.comm.allreduce(part.max().reshape(1), op="max", algorithm=self.algorithm)[0]
+        else:
+            local = part.pow_(norm_type).sum().reshape(1)
+            total = self.comm.allreduce(local, op="sum", algorithm=self.algorithm)[0] ** (1.0 / norm_type)
+        shard.mul_((max_norm / (total + 1e-6)).clamp(max=1.0))  # torch's formula, to the last bit
+        return total
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradients in place. They stay views of the flat gradient buffer: None would cut them loose."""
+        if self._dirty.is_set() or self._reduced is not None:
+            self._flat_grad.zero_()
+            self._dirty.clear()
+        for p, grad in zip(self._params, self._grads):
+            p.grad = grad
+        self._reduced = None
+
+    def flush(self) -> None:
+        """Finish a delayed CPU step and write it into the parameters (delay_update=True); else a no-op."""
+        self._wait()
+        self._publish()
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's shard of the state; loads back only at the same rank and world size (like torch: live tensors).
+
+        consolidated_state_dict() gives the form that loads at any world size and into torch.optim.AdamW.
+        """
+        self._wait()
+        meta = {"world_size": self.comm.size, "rank": self.comm.rank, "step": self._steps}
+        meta["shapes"] = [tuple(s) for s in self.layout.shapes]
+        state = {"master": self._master_shard(), "exp_avg": self._exp_avg, "exp_avg_sq": self._exp_avg_sq}
+        return {"zero": meta, "state": state, "param_groups": self._groups_out()}
+
+    def consolidated_state_dict(self) -> dict[str, Any] | None:
+        """The whole state in torch.optim.AdamW's format, on rank 0 (None elsewhere); every rank must call it.
+
+        A bf16/fp16 model's fp32 master weights ride along as state key "master" (torch keeps it as it is).
+        """
+        self._wait()
+        names = {"exp_avg": self._exp_avg, "exp_avg_sq": self._exp_avg_sq}
+        if self._flat.dtype != torch.float32:
+            names["master"] = self._master_shard()
+        full = {
+            name: gather(self.comm, self.layout, shard.to(self._flat.device), self.algorithm)
+            for name, shard in names.items()
+        }
+        if self.comm.rank != 0:
+            return None
+        step = torch.tensor(float(self._steps))
+        state = {i: {"step": step.clone(), **{k: v[i] for k, v in full.items()}} for i in range(len(self._params))}
+        groups = [{**TORCH_GROUP, "decoupled_weight_decay": self.adamw, **g} for g in self._groups_out()]
+        return {"state": state if self._steps else {}, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load state_dict() at the same rank and world size, or consolidated_state_dict() (or AdamW's) at any.
+
+        Every rank passes the whole consolidated dict. Load the model's weights too: the parameters are not
+        gathered here.
+        """
+        self._wait()
+        self._load_groups(state_dict["param_groups"])
+        if "zero" in state_dict:
+            self._load_sharded(state_dict["zero"], state_dict["state"])
+        else:
+            self._load_consolidated(state_dict["state"])
+        # A delayed run saves its master one update ahead of its model: the next step publishes it first.
+        self._unpublished = self._worker is not None and self._master is not None and self._steps > 0
+
+    def state_nbytes(self) -> int:
+        """Bytes of optimizer state this rank holds on the CPU: moments, separate master, staging buffers."""
+        tensors = [self._exp_avg, self._exp_avg_sq, self._grad_buf]
+        tensors.append(self._master if self._master is not self._own else None)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    # The steps of a step.
+
+    def _reduce(self) -> Tensor:
+        """This step's gradient shard averaged over ranks, reduce-scattered on first use."""
+        if self._reduced is None:
+            for i, (p, view, grad) in enumerate(zip(self._params, self._views, self._grads)):
+                if p.data_ptr() != view.data_ptr():
+                    raise RuntimeError(
+                        f"parameter {i} {tuple(p.shape)} no longer lives in the optimizer's flat buffer (the "
+                        "model was moved or its .data replaced); move the model before building the optimizer"
+                    )
+                if p.grad is None:  # e.g. model.zero_grad() set it to None and no backward reached it since
+                    grad.zero_()
+                elif p.grad.data_ptr() != grad.data_ptr():
+                    grad.copy_(p.grad)
+                p.grad = grad
+            self._reduced = self.comm.reduce_scatter(self._flat_grad, op="avg", algorithm=self.algorithm)
+        return self._reduced
+
+    def _cpu_step(self, master: Tensor, grad: Tensor, step: int, hyper: list[tuple[slice, dict]]) -> None:
+        for span, group in hyper:
+            (beta1, beta2), args = group["betas"], {k: group[k] for k in ("lr", "eps", "weight_decay")}
+            moments = self._exp_avg[span], self._exp_avg_sq[span]
+            adam_step_(
+                master[span], grad[span], *moments, step=step, beta1=beta1, beta2=beta2, adamw=self.adamw, **args
+            )
+
+    def _publish(self) -> None:
+        """Allgather the owned shards into the parameters, so every rank holds the updated model."""
+        if not self._unpublished:
+            return
+        if self._master is not self._own:
+            self._own.copy_(self._master)  # round to the parameters' dtype (nearest even), onto their device
+        self.comm.allgather(self._own, out=self._flat, algorithm=self.algorithm)
+        self._unpublished = False
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()  # re-raises what the CPU step raised
+
+    def _master_shard(self) -> Tensor:
+        if self._master is None:  # taken from the parameters at first use, so weights loaded after __init__ count
+            self._master = self._host().copy_(self._own)
+        return self._master
+
+    # Checkpoints.
+
+    def _groups_out(self) -> list[dict[str, Any]]:
+        groups, first = [], 0
+        for group in self.param_groups:
+            count = len(group["params"])
+            groups.append({**{k: group[k] for k in HYPER}, "params": list(range(first, first + count))})
+            first += count
+        return groups
+
+    def _load_groups(self, saved: list[dict[str, Any]]) -> None:
+        sizes = [len(g["params"]) for g in saved]
+        if sizes != list(self.layout.group_sizes):
+            raise ValueError(
+                f"the saved param groups hold {sizes} parameters, this optimizer's {list(self.layout.group_sizes)}; "
+                "build the optimizer over the same model and groups as the one saved"
+            )
+        for group, old in zip(self.param_groups, saved):
+            new = {k: tuple(old[k]) if k == "betas" else old[k] for k in HYPER}
+            _check_group(new)
+            group.update(new)
+
+    def _load_sharded(self, meta: dict[str, Any], state: dict[str, Tensor]) -> None:
+        here = {"world_size": self.comm.size, "rank": self.comm.rank, "shapes": [tuple(s) for s in self.layout.shapes]}
+        if any(meta[k] != v for k, v in here.items()):
+            raise ValueError(
+                f"this sharded state was saved by rank {meta['rank']} of {meta['world_size']} for "
+                f"{len(meta['shapes'])} parameters; this is rank {self.comm.rank} of {self.comm.size} with "
+                f"{len(self._params)}. A sharded state loads only where it was saved: save "
+                "consolidated_state_dict() to change the world size"
+            )
+        self._master_shard().copy_(state["master"])
+        self._exp_avg.copy_(state["exp_avg"])
+        self._exp_avg_sq.copy_(state["exp_avg_sq"])
+        self._steps = meta["step"]
+
+    def _load_consolidated(self, state: dict[int, dict[str, Tensor]]) -> None:
+        steps = {int(entry["step"]) for entry in state.values()}
+        if len(steps) > 1:
+            raise ValueError(f"the saved step counts differ across parameters ({sorted(steps)}); ZeRO keeps one")
+        self._steps = steps.pop() if steps else 0
+        targets = {"exp_avg": self._exp_avg.zero_(), "exp_avg_sq": self._exp_avg_sq.zero_()}
+        if any("master" in entry for entry in state.values()):  # those without one keep their current weights
+            targets["master"] = self._master_shard().copy_(self._own)
+        elif self._master is not self._own:
+            self._master = None  # read from the parameters at the next step, whenever the model is loaded
+        for name, mine in targets.items():
+            scatter_(self.layout, self.comm.rank, per_parameter(state, name, self.layout.shapes), mine)
+
+
+def _check_group(group: dict[str, Any]) -> None:
+    """torch.optim.AdamW's ranges, with the value and the fix in the message."""
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0  # also rejects NaN
+
+    for name in ("lr", "eps", "weight_decay"):
+        if not number(group[name]):
+            raise ValueError(f"{name} must be a float >= 0, got {group[name]!r}")
+    betas = group["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(number(b) and b < 1 for b in betas)):
+        raise ValueError(f"betas must be two floats in [0, 1), e.g. (0.9, 0.999); got {betas!r}")
