@@ -45,6 +45,9 @@ class TorchCommunicator(Communicator):
             self.devices = ("cuda",)
             torch.cuda.set_device(self.device)
         if not dist.is_initialized():
+            if backend == "gloo" and size > 1:
+                master = store.host if isinstance(store, dist.TCPStore) else os.environ.get("MASTER_ADDR")
+                _gloo_interface_toward(master)
             dist.init_process_group(
                 backend, store=store, rank=rank, world_size=size, timeout=timedelta(seconds=self.timeout)
             )
@@ -136,6 +139,15 @@ def _netns() -> str:
 
 def _routable_address() -> str:
     """The first non-loopback IPv4 address of this host's interfaces."""
+    for _, address in _interfaces():
+        if not address.startswith("127."):
+            return address
+    raise CollectiveError("no non-loopback IPv4 address found for rank 0; set MASTER_ADDR to one the ranks can reach")
+
+
+def _interfaces() -> list[tuple[str, str]]:
+    """(name, IPv4 address) of this host's interfaces that have one."""
+    found = []
     probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         for _, name in socket.if_nameindex():
@@ -143,9 +155,31 @@ def _routable_address() -> str:
                 packed = fcntl.ioctl(probe.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))  # SIOCGIFADDR
             except OSError:
                 continue
-            address = socket.inet_ntoa(packed[20:24])
-            if not address.startswith("127."):
-                return address
+            found.append((name, socket.inet_ntoa(packed[20:24])))
     finally:
         probe.close()
-    raise CollectiveError("no non-loopback IPv4 address found for rank 0; set MASTER_ADDR to one the ranks can reach")
+    return found
+
+
+def _gloo_interface_toward(host: str | None) -> None:
+    """Have gloo listen on the interface that reaches `host` (rank 0), unless GLOO_SOCKET_IFNAME is set.
+
+    Left alone, gloo listens on the address this host's name resolves to, often 127.0.x.1, which other hosts
+    cannot reach.
+    """
+    if not host or os.environ.get("GLOO_SOCKET_IFNAME"):
+        return
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect((host, 9))  # UDP: nothing is sent, the kernel only picks the route
+        local = probe.getsockname()[0]
+    except OSError:
+        return  # gloo's own error will name the address it cannot reach
+    finally:
+        probe.close()
+    if local.startswith("127."):
+        return
+    for name, address in _interfaces():
+        if address == local:
+            os.environ["GLOO_SOCKET_IFNAME"] = name
+            return
