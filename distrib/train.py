@@ -18,11 +18,14 @@ from tqdm import tqdm
 
 import distrib
 from distrib import tasks
+from distrib.checkpoint import Checkpointer, CheckpointError, TrainingState
 from distrib.data import check as check_sharding
 from distrib.data import num_steps
 from distrib.env import LaunchError, read_world
-from distrib.loop import LoopConfig, train
+from distrib.loop import ON_NAN, LoopConfig, NonFiniteError, Progress, Stopped, train
 from distrib.optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_schedule
+from distrib.stopping import Peers, StopSignals, watch_rank
+from distrib.tasks.classify import Classify, read_data
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,14 +35,15 @@ class _Parser(argparse.ArgumentParser):
         _fail(message)
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, status: int = 2) -> None:
+    """One line on rank 0, then every rank exits: 2 for a user's mistake, 1 for a failed run."""
     try:
         quiet = read_world().rank != 0
     except LaunchError:
         quiet = False
     if not quiet:
         print(f"python -m distrib.train: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(status)
 
 
 def _positive(kind: type):
@@ -85,19 +89,39 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=distrib.BACKENDS, default=None, help="default: from the launcher")
     p.add_argument("--allreduce", choices=distrib.ALGORITHMS, default="native", help="the gradient allreduce")
     p.add_argument("--timeout", type=_positive(float), default=None, help="seconds a collective waits for a peer")
+    p.add_argument("--zero-offload", action="store_true", help="ZeRO-Offload: sharded Adam(W) steps on the CPU")
+    p.add_argument("--data", type=Path, default=None, help="(inputs, labels) saved by torch.save, for --task classify")
     p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/TASK-TIME)")
+    p.add_argument(
+        "--checkpoint-every", type=_positive(int), default=None, metavar="N", help="steps (also: at each epoch's end)"
+    )
+    p.add_argument("--keep", type=_positive(int), default=3, metavar="K", help="the newest K checkpoints are kept")
+    p.add_argument(
+        "--resume", nargs="?", const=True, type=Path, metavar="PATH", help="from the newest checkpoint in --out or PATH"
+    )
+    p.add_argument(
+        "--on-nan", choices=ON_NAN, default="error", help="a NaN/Inf loss or gradient: fail, or skip the step"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on rank 0")
     return p
 
 
+def _zero(args: argparse.Namespace, model: torch.nn.Module, comm: distrib.Communicator) -> torch.optim.Optimizer:
+    """ZeRO-Offload's optimizer for a plain model: Adam or AdamW, the only optimizers it shards."""
+    if args.optimizer not in ("adam", "adamw"):
+        _fail(f"argument --zero-offload: shards Adam and AdamW only, not --optimizer {args.optimizer}")
+    return distrib.ZeroOffloadOptimizer(
+        model.parameters(), lr=args.lr, weight_decay=args.weight_decay, adamw=args.optimizer == "adamw", comm=comm,
+        algorithm=args.allreduce,
+    )  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    watch_rank()  # under MPICH, so that a rank killed by a signal is named
     if "OMP_NUM_THREADS" not in os.environ:  # ranks on one host share its cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // (read_world().local_size or 1)))
-    try:
-        task = tasks.load(args.task, seed=args.seed)
-    except ValueError as error:
-        _fail(f"argument --task: {error}")
+    task = _task(args)
     try:
         comm = distrib.init(args.backend, timeout=args.timeout, algorithm=args.allreduce)
     except (LaunchError, ValueError) as error:
@@ -106,23 +130,42 @@ def main(argv: list[str] | None = None) -> int:
         check_sharding(1, args.batch_size, comm.rank, comm.size, seed=args.seed, epoch=0, drop_last=False)
     except ValueError as error:
         _fail(f"argument --batch-size: {error}")
+    if args.resume is True and args.out is None:
+        _fail("argument --resume: name the run to continue, as --out RUN_DIR or --resume RUN_DIR")
     out = _run_dir(args, comm)
 
     models = task.build()
-    wrapped = {
-        phase: distrib.DistributedDataParallel(m, comm=comm, algorithm=args.allreduce) for phase, m in models.items()
-    }
-    optimizers = {
-        phase: build_optimizer(args.optimizer, m.parameters(), args.lr, args.weight_decay)
-        for phase, m in wrapped.items()
-    }
+    try:
+        if args.zero_offload:  # gradients cross ranks in the optimizer's step (reduce-scatter), not in hooks
+            wrapped = dict(models)
+            optimizers = {phase: _zero(args, m, comm) for phase, m in models.items()}
+        else:
+            wrapped = {
+                phase: distrib.DistributedDataParallel(m, comm=comm, algorithm=args.allreduce)
+                for phase, m in models.items()
+            }
+            optimizers = {
+                phase: build_optimizer(args.optimizer, m.parameters(), args.lr, args.weight_decay)
+                for phase, m in wrapped.items()
+            }
+    except ValueError as error:  # e.g. a model that differs across ranks
+        _fail(f"argument --task: {error}")
     steps = args.epochs * -(
         -num_steps(len(task.collect(0, models, comm)[0]), args.batch_size) // args.accumulation_steps
     )
     schedules = {phase: build_schedule(o, args.schedule, args.warmup_steps, steps) for phase, o in optimizers.items()}
-    config = LoopConfig(args.epochs, args.batch_size, args.accumulation_steps, args.clip_grad, args.seed)
+    config = LoopConfig(args.epochs, args.batch_size, args.accumulation_steps, args.clip_grad, args.seed, args.on_nan)
+    state = TrainingState(models, optimizers, schedules, Progress(), _settings(args))
+    saver = Checkpointer(out / "checkpoints", comm, state, args.checkpoint_every, args.keep)
+    if args.resume:
+        _resume(saver, out if args.resume is True else args.resume, out, comm)
 
-    bar = tqdm(total=steps, disable=comm.rank != 0 or args.no_progress, unit="step", leave=False, file=sys.stderr)
+    bar = tqdm(total=steps, initial=state.progress.total, disable=comm.rank != 0 or args.no_progress, unit="step",
+               leave=False, file=sys.stderr)  # fmt: skip
+
+    def on_step(_: dict[str, float]) -> None:
+        bar.update()
+        saver.on_step()
 
     def on_epoch(stats: dict[str, float]) -> None:
         if comm.rank == 0:
@@ -130,19 +173,81 @@ def main(argv: list[str] | None = None) -> int:
             tqdm.write(f"epoch {int(stats['epoch']) + 1}/{args.epochs}  {shown}")
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(stats) + "\n")
+        saver.on_epoch()
 
-    history = train(
-        task, wrapped, optimizers, comm, config, schedules, on_step=lambda _: bar.update(), on_epoch=on_epoch
-    )
-    bar.close()
+    peers = Peers(comm)  # taken while every rank is alive, to name one that dies
+    with StopSignals() as stop:
+        try:
+            history = train(task, wrapped, optimizers, comm, config, schedules, on_step, on_epoch, state.progress, stop)
+        except Stopped as stopped:
+            bar.close()
+            try:
+                where = saver.save()
+            except CheckpointError as error:
+                _fail(f"{error}; stopped by signal {stopped.signum} without a final checkpoint", status=1)
+            _say(comm, f"stopped by signal {stopped.signum} after step {stopped.progress.total}; saved {where}, "
+                 "continue with --resume")  # fmt: skip
+            return 128 + stopped.signum
+        except NonFiniteError as error:
+            _fail(str(error), status=1)
+        except CheckpointError as error:  # a checkpoint could not be written: stop rather than run unprotected
+            _fail(str(error), status=1)
+        except distrib.CollectiveError as error:
+            lost = peers.describe_lost()
+            if lost:
+                raise type(error)(f"{error}; {lost}") from None
+            raise
+        finally:
+            bar.close()
     if comm.rank == 0:
         weights = {p: m.state_dict() for p, m in models.items()}
         torch.save(weights["model"] if list(weights) == ["model"] else weights, out / "model.pt")
         from distrib.plot import plot_run
 
         plot_run(out)
-        print(f"run saved in {out} (final val: {history[-1].get('val_loss', float('nan')):.4g} loss)")
+        final = f" (final val: {history[-1].get('val_loss', float('nan')):.4g} loss)" if history else ""
+        print(f"run saved in {out}{final}")
     return 0
+
+
+def _task(args: argparse.Namespace) -> tasks.Task:
+    """The task by name, or the classify task over the tensors of --data."""
+    if args.data is None:
+        try:
+            return tasks.load(args.task, seed=args.seed)
+        except ValueError as error:
+            _fail(f"argument --task: {error}")
+    if args.task != "classify":
+        _fail(f"argument --data: only --task classify reads --data, not {args.task!r}; drop --data")
+    try:
+        return Classify(seed=args.seed, data=read_data(args.data))
+    except ValueError as error:
+        _fail(f"argument --data: {error}")
+
+
+def _settings(args: argparse.Namespace) -> dict[str, object]:
+    """What a resumed run must share with the one that wrote the checkpoint, for the data position to hold."""
+    keys = ("task", "batch_size", "accumulation_steps", "seed", "optimizer")
+    return {f"--{k.replace('_', '-')}": getattr(args, k) for k in keys}
+
+
+def _resume(saver: Checkpointer, path: Path, out: Path, comm: distrib.Communicator) -> None:
+    """Load the newest checkpoint that verifies, and keep metrics.jsonl to the epochs it covers."""
+    try:
+        where = saver.resume(path)
+    except CheckpointError as error:
+        _fail(f"argument --resume: {error}")
+    progress = saver.state.progress
+    if comm.rank == 0:
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] < progress.epoch]
+        (out / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+    _say(comm, f"resuming from {where}: epoch {progress.epoch + 1}, {progress.step} of its steps done")
+
+
+def _say(comm: distrib.Communicator, message: str) -> None:
+    if comm.rank == 0:
+        print(message, file=sys.stderr, flush=True)
 
 
 def _run_dir(args: argparse.Namespace, comm: distrib.Communicator) -> Path:
@@ -153,11 +258,21 @@ def _run_dir(args: argparse.Namespace, comm: distrib.Communicator) -> Path:
             args.out
             or Path("runs") / f"{args.task.replace(':', '-').replace('.', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
         )
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "metrics.jsonl").write_text("")
-        except OSError as error:
-            problem = f"argument --out: cannot write to {out}: {error.strerror or error}; choose a writable directory"
+        if not args.resume and any((out / "checkpoints").glob("step-*")):
+            problem = (
+                f"argument --out: {out} holds the checkpoints of an earlier run; continue it with --resume, "
+                "or choose another --out"
+            )
+        else:
+            try:
+                (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+                if not args.resume or not (out / "metrics.jsonl").exists():
+                    (out / "metrics.jsonl").write_text("")
+            except OSError as error:
+                where = error.filename or out
+                problem = (
+                    f"argument --out: cannot write to {where}: {error.strerror or error}; choose a writable directory"
+                )
     problem = comm.broadcast_object(problem)
     if problem:
         _fail(problem)

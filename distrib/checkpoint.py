@@ -1,0 +1,320 @@
+"""Checkpoints that survive a killed rank: atomic files with checksums, per-rank shards, an exact resume.
+
+A checkpoint is a directory DIR/step-000000120 (named by the optimizer steps done) holding
+  shared.pt       from rank 0: the models, the unsharded optimizers, the schedulers, the epoch's loss sums
+  rank-00003.pt   from rank 3: its RNG states, and its shard of each sharded optimizer (one that offers
+                  consolidated_state_dict(), like ZeroOffloadOptimizer, keeps only its rank's part)
+  manifest.json   last: the position, the settings a resume must match, and each file's size and sha256
+Each file goes to a temporary name, is flushed, fsynced and renamed; the directory is put together under a
+`.partial` name and renamed into place once every rank's file is in, so a checkpoint is whole or absent. Loading
+verifies the checksums first and reads with torch.load(weights_only=True): a checkpoint is data, never code.
+All ranks must see DIR (one host, or a shared file system).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distrib import atomic, rng
+from distrib.comm import Communicator
+from distrib.loop import Optimizers, Progress
+from distrib.tasks.base import Models
+
+FORMAT = 1
+_NAME = re.compile(r"step-\d{9}")
+_POSITION = ("epoch", "step", "total", "skipped")
+log = logging.getLogger("distrib")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be written or used; the message names it, the problem and the fix."""
+
+
+@dataclass
+class TrainingState:
+    """Everything a checkpoint holds, live: loading writes into these objects in place."""
+
+    models: Models
+    optimizers: Optimizers
+    schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler]
+    progress: Progress
+    settings: dict[str, Any]  # what a resume must match, by option name: {"--batch-size": 1000, ...}
+
+
+class Checkpointer:
+    """A run's checkpoints: every `every` optimizer steps, at each epoch's end, once more when stopped."""
+
+    def __init__(
+        self, directory: Path, comm: Communicator, state: TrainingState, every: int | None = None, keep: int = 3
+    ) -> None:
+        if keep < 1 or (every is not None and every < 1):
+            raise ValueError(f"keep ({keep}) and every ({every}) must be at least 1")
+        self.directory, self.comm, self.state, self.every, self.keep = directory, comm, state, every, keep
+        self._saved_at: int | None = None  # progress.total of the last checkpoint written
+
+    def on_step(self) -> None:
+        """A checkpoint every `every` steps; the last step of an epoch leaves it to on_epoch."""
+        p = self.state.progress
+        if self.every and p.total % self.every == 0 and p.step < p.steps:
+            self.save()
+
+    def on_epoch(self) -> None:
+        self.save()
+
+    def save(self) -> Path:
+        """Write the state now, unless the newest checkpoint already holds this very step."""
+        if self._saved_at != self.state.progress.total:
+            save(self.state, self.directory, self.comm, self.keep)
+            self._saved_at = self.state.progress.total
+        return self.directory / _name(self.state.progress.total)
+
+    def resume(self, path: Path) -> Path:
+        """Load the newest checkpoint under `path` that verifies (rank 0 reports those it skips)."""
+        checkpoint = find(path, self.comm)
+        load(self.state, checkpoint, self.comm)
+        self._saved_at = self.state.progress.total
+        return checkpoint
+
+
+def save(state: TrainingState, directory: Path, comm: Communicator, keep: int) -> Path:
+    """Write a checkpoint of `state` into `directory` on every rank at once; keep the newest `keep`."""
+    name = _name(state.progress.total)
+    final, partial = directory / name, directory / f"{name}.partial"
+    fail = f"cannot write checkpoint {final}: "
+    _agree(comm, _on_rank0(comm, lambda: _fresh_dir(partial)), fail)
+    sums = state.progress.loss_sums
+    sums = comm.allreduce(sums.clone()) if sums is not None else None  # world-size free: the epoch's global sums
+    sharded = sorted(phase for phase, o in state.optimizers.items() if _is_sharded(o))
+    shared = {
+        "models": {phase: _compact(m.state_dict()) for phase, m in state.models.items()},
+        "optimizers": {p: _compact(o.state_dict()) for p, o in state.optimizers.items() if p not in sharded},
+        "schedulers": {phase: s.state_dict() for phase, s in state.schedulers.items()},
+        "loss_sums": sums,
+    }
+    mine = {"rng": rng.state(), "optimizers": {p: _compact(state.optimizers[p].state_dict()) for p in sharded}}
+
+    def write_files() -> dict[str, dict[str, Any]]:
+        files = {f"rank-{comm.rank:05d}.pt": atomic.write(partial / f"rank-{comm.rank:05d}.pt", mine)}
+        if comm.rank == 0:
+            files["shared.pt"] = atomic.write(partial / "shared.pt", shared)
+        return files
+
+    written, problem = _attempt(write_files)
+    everyone = comm.allgather_object((written, problem))
+    _raise_first([p for _, p in everyone], fail)
+    manifest = {
+        "format": FORMAT,
+        "world_size": comm.size,
+        "progress": {k: getattr(state.progress, k) for k in _POSITION},
+        "settings": state.settings,
+        "optimizers": {phase: type(o).__name__ for phase, o in state.optimizers.items()},
+        "sharded": sharded,
+        "files": {name: entry for files, _ in everyone for name, entry in files.items()},
+    }
+    _agree(comm, _on_rank0(comm, lambda: _publish(partial, final, manifest, keep)), fail)
+    return final
+
+
+def find(path: Path, comm: Communicator) -> Path:
+    """The checkpoint `path` names, or the newest that verifies in `path` (a run or checkpoints directory)."""
+    chosen, problem = None, None
+    if comm.rank == 0:
+        candidates = [path] if (path / "manifest.json").exists() else _checkpoints(path)
+        skipped = []
+        for candidate in candidates:
+            trouble = verify(candidate)
+            if trouble is None:
+                chosen = candidate
+                break
+            skipped.append(f"{candidate.name}: {trouble}")
+            log.warning("distrib: skipping checkpoint %s: %s", candidate, trouble)
+        if chosen is None and candidates == [path]:
+            problem = f"checkpoint {path} is damaged ({trouble}); resume from the run directory to take an older one"
+        elif chosen is None:
+            problem = f"no checkpoint that verifies in {path}" + (f" ({'; '.join(skipped)})" if skipped else "")
+            problem += "; give the run directory that holds checkpoints/, or start afresh without --resume"
+    chosen, problem = comm.broadcast_object((chosen, problem))
+    _raise_first([problem])
+    return chosen
+
+
+def verify(checkpoint: Path) -> str | None:
+    """What is wrong with `checkpoint` (missing, truncated or altered files), or None if it is whole."""
+    try:
+        manifest = json.loads((checkpoint / "manifest.json").read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"its manifest.json is unreadable ({error})"
+    for name, entry in sorted(files.items()):
+        trouble = atomic.check(checkpoint / name, entry)
+        if trouble:
+            return trouble
+    return None
+
+
+def load(state: TrainingState, checkpoint: Path, comm: Communicator) -> None:
+    """Load `checkpoint` into `state` on every rank; any mismatch raises on all ranks before anything changes."""
+    shared = mine = manifest = None
+
+    def read() -> None:
+        nonlocal shared, mine, manifest
+        manifest = json.loads((checkpoint / "manifest.json").read_text())
+        shared = atomic.read(checkpoint / "shared.pt", manifest["files"]["shared.pt"])
+        name = f"rank-{comm.rank:05d}.pt"
+        mine = atomic.read(checkpoint / name, manifest["files"][name]) if name in manifest["files"] else None
+
+    _, problem = _attempt(read)
+    if problem is None:
+        mismatch, problem = _attempt(lambda: _mismatch(state, manifest, shared, comm.size))
+        problem = problem or mismatch
+    _raise_first(comm.allgather_object(problem), f"checkpoint {checkpoint}: ")
+    for phase, model in state.models.items():
+        model.load_state_dict(shared["models"][phase])
+    for phase, optimizer in state.optimizers.items():
+        optimizer.load_state_dict((mine if phase in manifest["sharded"] else shared)["optimizers"][phase])
+    for phase, scheduler in state.schedulers.items():
+        scheduler.load_state_dict(shared["schedulers"][phase])
+    for key in _POSITION:
+        setattr(state.progress, key, manifest["progress"][key])
+    sums = shared["loss_sums"]  # global sums: rank 0 carries them, the others start from zero
+    state.progress.loss_sums = None if sums is None else sums if comm.rank == 0 else torch.zeros_like(sums)
+    if mine is not None:  # a rank the writing run did not have keeps its own RNG streams
+        rng.set_state(mine["rng"])
+
+
+# Layout.
+
+
+def _fresh_dir(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)  # a .partial left by a run that died while writing
+    path.mkdir(parents=True)
+
+
+def _publish(partial: Path, final: Path, manifest: dict[str, Any], keep: int) -> None:
+    """Manifest last, then the directory renamed into place (replacing a same-step one), then old ones pruned."""
+    atomic.write_text(partial / "manifest.json", json.dumps(manifest, indent=1))
+    if final.exists():  # the same step saved again (e.g. at an epoch's end after a resume)
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(partial, final)
+    atomic.fsync_dir(final.parent)
+    for stale in _checkpoints(final.parent)[keep:]:
+        shutil.rmtree(stale, ignore_errors=True)
+    for leftover in final.parent.glob("step-*.*"):
+        if leftover.suffix in (".partial", ".old") and leftover != partial:
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _checkpoints(directory: Path) -> list[Path]:
+    """Finished checkpoints in `directory` (or its checkpoints/), newest first."""
+    if (directory / "checkpoints").is_dir():
+        directory = directory / "checkpoints"
+    found = (
+        [p for p in directory.glob("step-*") if _NAME.fullmatch(p.name) and p.is_dir()] if directory.is_dir() else []
+    )
+    return sorted(found, reverse=True)
+
+
+def _name(total: int) -> str:
+    return f"step-{total:09d}"
+
+
+# Checks and agreement.
+
+
+def _mismatch(state: TrainingState, manifest: dict, shared: dict, world_size: int) -> str | None:
+    """Why this checkpoint cannot load into `state` (the fix included), or None."""
+    if manifest["format"] != FORMAT:
+        return f"it is in checkpoint format {manifest['format']}, this distrib reads {FORMAT}; resume with its version"
+    for key, saved in manifest["settings"].items():
+        here = state.settings.get(key)
+        if saved != here:
+            return f"it was written with {key} {saved}, this run has {key} {here}; resume with {key} {saved}"
+    if sorted(shared["models"]) != sorted(state.models):
+        return f"it holds models {sorted(shared['models'])}, this task has {sorted(state.models)}; use the same task"
+    for phase, model in state.models.items():
+        trouble = _other_model(shared["models"][phase], model.state_dict())
+        if trouble:
+            return f"it holds another model ({trouble}); resume with the model that wrote it, or start a new --out"
+    kinds = {phase: type(o).__name__ for phase, o in state.optimizers.items()}
+    if manifest["optimizers"] != kinds:
+        return f"its optimizers are {manifest['optimizers']}, this run's {kinds}; resume with the same optimizer"
+    if manifest["sharded"] and manifest["world_size"] != world_size:
+        return (
+            f"it holds the optimizer shards of {manifest['world_size']} ranks, and a sharded optimizer resumes only "
+            f"at the world size that wrote it: launch {manifest['world_size']} ranks"
+        )
+    for phase, optimizer in state.optimizers.items():
+        saved_sd = None if phase in manifest["sharded"] else shared["optimizers"].get(phase)
+        if saved_sd is not None:
+            saved_groups = [len(g["params"]) for g in saved_sd["param_groups"]]
+            groups = [len(g["params"]) for g in optimizer.param_groups]
+            if saved_groups != groups:
+                return f"its {phase} optimizer has parameter groups of sizes {saved_groups}, this one {groups}"
+    return None
+
+
+def _other_model(saved: dict[str, torch.Tensor], here: dict[str, torch.Tensor]) -> str | None:
+    for key in sorted(set(saved) | set(here)):
+        if key not in saved or key not in here:
+            return f"{key!r} is only {'here' if key in here else 'in the checkpoint'}"
+        if saved[key].shape != here[key].shape:
+            return f"{key!r} is {tuple(saved[key].shape)} there, {tuple(here[key].shape)} here"
+    return None
+
+
+def _is_sharded(optimizer: torch.optim.Optimizer) -> bool:
+    """A sharded optimizer's state_dict() is this rank's part; it offers consolidated_state_dict() for the whole."""
+    return callable(getattr(optimizer, "consolidated_state_dict", None))
+
+
+def _compact(obj: Any) -> Any:
+    """Tensors that view a larger buffer (a flat bucket, a shard) copied out, so only their own bytes are saved."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone() if obj.untyped_storage().nbytes() > obj.nbytes else obj.detach()
+    if isinstance(obj, dict):
+        return {k: _compact(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_compact(v) for v in obj)
+    return obj
+
+
+def _attempt(action) -> tuple[Any, str | None]:
+    """Run `action`; an OSError or CheckpointError becomes a problem to share with the other ranks."""
+    try:
+        return action(), None
+    except (CheckpointError, atomic.DamagedFile) as error:
+        return None, str(error)
+    except OSError as error:
+        return None, f"{error.filename or ''}: {error.strerror or error}".lstrip(": ")
+    except (KeyError, ValueError) as error:
+        return None, f"its manifest is malformed ({type(error).__name__}: {error})"
+
+
+def _on_rank0(comm: Communicator, action) -> str | None:
+    return _attempt(action)[1] if comm.rank == 0 else None
+
+
+def _agree(comm: Communicator, problem: str | None, prefix: str = "") -> None:
+    """Raise CheckpointError on every rank if rank 0 saw a problem."""
+    _raise_first([comm.broadcast_object(problem)], prefix)
+
+
+def _raise_first(problems: list[str | None], prefix: str = "") -> None:
+    """Raise the first problem; called on every rank with the same list, so all raise or none does."""
+    problem = next((p for p in problems if p), None)
+    if problem:
+        raise CheckpointError(prefix + problem)
+
+
+__all__ = ["CheckpointError", "Checkpointer", "TrainingState", "find", "load", "save", "verify"]
