@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from distrib import trace
 from distrib.comm import Communicator
 from distrib.data import Shard, num_steps, shard, split
 from distrib.tasks.base import Batch, Models, Task
@@ -91,10 +92,11 @@ def train(
     progress = progress if progress is not None else Progress()
     history = []
     while progress.epoch < config.epochs:
-        epoch, started, seen = progress.epoch, time.perf_counter(), 0
+        epoch, started, seen, stage = progress.epoch, time.perf_counter(), 0, _Stages()
         for model in models.values():
             model.train()
-        dataset = task.collect(epoch, models, comm)  # from disk, or from agent-environment interaction
+        with stage("collect"):
+            dataset = task.collect(epoch, models, comm)  # from disk, or from agent-environment interaction
         if progress.loss_sums is None:
             progress.loss_sums = torch.zeros(len(task.phases) + 1, dtype=torch.float64)  # per phase, then samples
         progress.steps = -(-num_steps(len(dataset[0]), config.batch_size) // config.accumulation_steps)
@@ -107,18 +109,24 @@ def train(
                 model, optimizer = models[phase], optimizers[phase]
                 optimizer.zero_grad(set_to_none=True)
                 for i, part in enumerate(group):
-                    minibatch = [t[part.indices] for t in dataset]
+                    with stage("data"):
+                        minibatch = [t[part.indices] for t in dataset]
                     # Gradients cross the network only on the last micro-batch of the group.
                     with _no_sync(model) if i < len(group) - 1 else contextlib.nullcontext():
-                        guesses = task.apply(phase, models, minibatch)
-                        targets = task.targets(phase, models, minibatch, guesses)
-                        losses = task.loss(phase, guesses, targets)
-                        (losses.sum() * (comm.size / samples)).backward()  # hooks average over ranks
+                        with stage("forward"):
+                            guesses = task.apply(phase, models, minibatch)
+                            targets = task.targets(phase, models, minibatch, guesses)
+                            losses = task.loss(phase, guesses, targets)
+                        with stage("backward"):
+                            (losses.sum() * (comm.size / samples)).backward()  # hooks average over ranks
                     sums[p] += float(losses.detach().sum())
-                norm = _clip(model, optimizer, config.clip_grad)
-                verdicts.append(_agree(comm, float(sums[p]), model, norm if config.clip_grad else None, stop))
+                with stage("step"):
+                    norm = _clip(model, optimizer, config.clip_grad)
+                with stage("wait"):  # a tiny allreduce: its time is mostly waiting for the slowest rank
+                    verdicts.append(_agree(comm, float(sums[p]), model, norm if config.clip_grad else None, stop))
                 if verdicts[-1].finite:
-                    optimizer.step()
+                    with stage("step"):
+                        optimizer.step()
                 else:
                     _non_finite(verdicts[-1], phase, progress, config.on_nan, comm.rank == 0)  # raise, or log
                 if schedulers and phase in schedulers:
@@ -127,12 +135,17 @@ def train(
             seen += float(sums[-1])
             _advance(progress, progress.loss_sums, sums, all(v.finite for v in verdicts))
             if on_step is not None:
-                on_step({"epoch": epoch, "samples": samples, "grad_norm": norm})
+                lr = optimizers[task.phases[0]].param_groups[0]["lr"]
+                loss = float(sums[0]) / max(float(sums[-1]), 1.0)  # this rank's share of the global batch
+                on_step({"epoch": epoch, "samples": samples, "grad_norm": norm, "loss": loss, "lr": lr})
             if any(v.signal for v in verdicts):  # some rank was asked to stop: all stop here, after this step
                 raise Stopped(max(v.signal for v in verdicts), progress)
         totals = comm.allreduce(torch.cat([progress.loss_sums, torch.tensor([seen], dtype=torch.float64)]))
-        stats = {"epoch": epoch, **_train_losses(task, totals[:-1]), **validate(task, models, comm)}
+        with stage("validation"):
+            validation = validate(task, models, comm)
+        stats = {"epoch": epoch, **_train_losses(task, totals[:-1]), **validation}
         stats["samples_per_s"] = float(totals[-1]) / (time.perf_counter() - started)
+        stats |= {f"time_{name}_s": seconds for name, seconds in stage.seconds.items()}
         stats["lr"] = optimizers[task.phases[0]].param_groups[0]["lr"]
         if config.on_nan == "skip":
             stats["skipped_steps"] = progress.skipped
@@ -158,6 +171,20 @@ def validate(task: Task, models: Models, comm: Communicator, chunk: int = 4096) 
     sums = comm.allreduce(torch.tensor([totals.get(k, 0.0) for k in keys], dtype=torch.float64))
     count = float(sums[keys.index("count")])
     return {f"val_{k}": float(v) / count for k, v in zip(keys, sums) if k != "count"} | {"val_count": count}
+
+
+class _Stages:
+    """Seconds spent per stage of the loop this epoch; each stage is also a span when a trace is recording."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        with trace.span(name):
+            yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
 
 def _groups(minibatches: Iterator[Shard], size: int) -> Iterator[list[Shard]]:

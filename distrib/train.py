@@ -7,6 +7,8 @@ torchrun --nproc-per-node 4 -m distrib.train --task autoencoder --allreduce ring
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import os
 import sys
@@ -14,7 +16,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 import distrib
 from distrib import tasks
@@ -24,8 +25,10 @@ from distrib.data import num_steps
 from distrib.env import LaunchError, read_world
 from distrib.loop import ON_NAN, LoopConfig, NonFiniteError, Progress, Stopped, train
 from distrib.optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_schedule
+from distrib.report import Reporter
 from distrib.stopping import Peers, StopSignals, watch_rank
 from distrib.tasks.classify import Classify, read_data
+from distrib.trace import trace
 
 
 class _Parser(argparse.ArgumentParser):
@@ -103,6 +106,8 @@ def parser() -> argparse.ArgumentParser:
         "--on-nan", choices=ON_NAN, default="error", help="a NaN/Inf loss or gradient: fail, or skip the step"
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on rank 0")
+    p.add_argument("--trace", type=Path, default=None, help="write a Chrome trace (Perfetto) of every rank here")
+    p.add_argument("--tensorboard", type=Path, default=None, help="write TensorBoard scalars here (rank 0)")
     return p
 
 
@@ -122,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     if "OMP_NUM_THREADS" not in os.environ:  # ranks on one host share its cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // (read_world().local_size or 1)))
     task = _task(args)
+    if args.tensorboard is not None and importlib.util.find_spec("tensorboard") is None:
+        _fail("argument --tensorboard: needs the tensorboard package; pip install tensorboard")
     try:
         comm = distrib.init(args.backend, timeout=args.timeout, algorithm=args.allreduce)
     except (LaunchError, ValueError) as error:
@@ -160,27 +167,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.resume:
         _resume(saver, out if args.resume is True else args.resume, out, comm)
 
-    bar = tqdm(total=steps, initial=state.progress.total, disable=comm.rank != 0 or args.no_progress, unit="step",
-               leave=False, file=sys.stderr)  # fmt: skip
+    report = None
+    if comm.rank == 0:
+        report = Reporter(out, args.epochs, steps, state.progress.total, not args.no_progress, args.tensorboard)
 
-    def on_step(_: dict[str, float]) -> None:
-        bar.update()
+    def on_step(info: dict[str, float]) -> None:
+        if report is not None:
+            report.step(info)
         saver.on_step()
 
     def on_epoch(stats: dict[str, float]) -> None:
-        if comm.rank == 0:
-            shown = "  ".join(f"{k} {v:.4g}" for k, v in stats.items() if k not in ("epoch", "val_count"))
-            tqdm.write(f"epoch {int(stats['epoch']) + 1}/{args.epochs}  {shown}")
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(stats) + "\n")
+        if report is not None:
+            report.epoch(stats)
         saver.on_epoch()
 
     peers = Peers(comm)  # taken while every rank is alive, to name one that dies
-    with StopSignals() as stop:
+    recording = trace(args.trace, comm) if args.trace else contextlib.nullcontext()
+    with StopSignals() as stop, recording:
         try:
             history = train(task, wrapped, optimizers, comm, config, schedules, on_step, on_epoch, state.progress, stop)
         except Stopped as stopped:
-            bar.close()
             try:
                 where = saver.save()
             except CheckpointError as error:
@@ -198,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise type(error)(f"{error}; {lost}") from None
             raise
         finally:
-            bar.close()
+            if report is not None:
+                report.close()
     if comm.rank == 0:
         weights = {p: m.state_dict() for p, m in models.items()}
         torch.save(weights["model"] if list(weights) == ["model"] else weights, out / "model.pt")

@@ -1,0 +1,33 @@
+"""Seeing inside a run: the merged per-rank trace, TensorBoard scalars, and the where-the-time-went line."""
+
+from __future__ import annotations
+
+import json
+
+from distrib.report import where_time_went
+from tests.launching import run_ranks
+
+
+def test_trace_tensorboard_and_time_summary(tmp_path):
+    trace_file, board = tmp_path / "trace.json", tmp_path / "tb"
+    args = ["-m", "distrib.train", "--epochs", "1", "--batch-size", "1024", "--no-progress", "--out", str(tmp_path)]
+    result = run_ranks("mpiexec", 2, [*args, "--trace", str(trace_file), "--tensorboard", str(board)], timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = json.loads(trace_file.read_text())["traceEvents"]
+    names = {(e["pid"], e["name"]) for e in events if e["ph"] == "X"}
+    for rank in (0, 1):  # one track per rank, every stage of the loop on it
+        for stage in ("collect", "forward", "backward", "step", "wait", "validation"):
+            assert (rank, stage) in names, (rank, stage)
+    forward = [e for e in events if e["ph"] == "X" and e["name"] == "forward" and e["pid"] == 0]
+    assert len(forward) == 16 and all(e["dur"] > 0 for e in forward)  # 16384 samples / 1024 per step
+    assert [e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "process_name"] == ["rank 0", "rank 1"]
+    assert list(board.glob("events.out.tfevents.*")), "TensorBoard wrote no event file"
+    assert "time: compute" in result.stdout and "waiting on the slowest rank" in result.stdout
+
+
+def test_time_summary_adds_up():
+    stats = {"time_forward_s": 1.0, "time_backward_s": 3.0, "time_step_s": 1.0, "time_comm_s": 2.0,
+             "time_wait_s": 1.0, "time_collect_s": 0.5, "time_data_s": 0.5, "time_validation_s": 1.0}  # fmt: skip
+    line = where_time_went(stats)
+    assert "compute 38%" in line and "communication not hidden 25%" in line  # 3 of 8 s, 2 of 8 s
+    assert "waiting on the slowest rank 12%" in line and "data 12%" in line and "of 8.00 s" in line
