@@ -123,10 +123,14 @@ def _zero(args: argparse.Namespace, model: torch.nn.Module, comm: distrib.Commun
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    watch_rank()  # under MPICH, so that a rank killed by a signal is named
+    watch_rank()  # under MPICH, so that a rank killed by a signal is named; forks, so before torch starts threads
+    task = _task(args)
+    if getattr(task, "defaults", None):  # a task's own defaults (RL needs more epochs); the command line wins
+        defaults = parser()
+        defaults.set_defaults(**task.defaults)
+        args = defaults.parse_args(argv)
     if "OMP_NUM_THREADS" not in os.environ:  # ranks on one host share its cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // (read_world().local_size or 1)))
-    task = _task(args)
     if args.tensorboard is not None and importlib.util.find_spec("tensorboard") is None:
         _fail("argument --tensorboard: needs the tensorboard package; pip install tensorboard")
     try:
@@ -212,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         from distrib.plot import plot_run
 
         plot_run(out)
-        final = f" (final val: {history[-1].get('val_loss', float('nan')):.4g} loss)" if history else ""
+        shown = {k: v for k, v in history[-1].items() if k.startswith("val_") and k != "val_count"} if history else {}
+        final = " (final " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()) + ")" if shown else ""
         print(f"run saved in {out}{final}")
     return 0
 

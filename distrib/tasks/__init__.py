@@ -5,10 +5,19 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
+from distrib.tasks import rl
+from distrib.tasks.autoencoder import Autoencoder
 from distrib.tasks.base import Batch, Models, Task
 from distrib.tasks.classify import Classify
+from distrib.tasks.gan import GAN
 
-BUILTIN: dict[str, Callable[..., Task]] = {"classify": Classify}
+BUILTIN: dict[str, Callable[..., Task]] = {
+    "classify": Classify,
+    "autoencoder": Autoencoder,
+    "gan": GAN,
+    "rl": rl.ReinforcementLearning,
+    "rl-on-policy": rl.on_policy,
+}
 
 
 def load(spec: str, seed: int = 0) -> Task:
