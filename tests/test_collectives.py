@@ -1,4 +1,4 @@
-"""Runs tests/ranks under real launchers at world sizes 1 to 4 (3 catches chunking bugs), each with a deadline."""
+"""Runs tests/ranks/test_collectives.py under real launchers at 1 to 4 ranks (3 catches chunking bugs)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ RUNS = [
 @pytest.mark.parametrize("launcher,backend,ranks", RUNS, ids=lambda x: str(x))
 def test_rank_suite(launcher, backend, ranks):
     env = {"DISTRIB_RANK_SUITE": "1", "DISTRIB_TEST_BACKEND": backend}
-    args = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/ranks"]
+    args = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/ranks/test_collectives.py"]
     result = run_ranks(launcher, ranks, args, timeout=420, env=env)
     # Ranks print at once, so summaries can share a line: find each one's "N passed[, M skipped] in S s".
     summaries = re.findall(r"(\d+ passed(?:, \d+ \w+)* in [\d.]+s)", result.stdout)
