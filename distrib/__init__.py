@@ -1,8 +1,10 @@
 """distrib: data-parallel training for PyTorch over one small Communicator interface."""
 
 from distrib.comm import ALGORITHMS, OPS, CollectiveError, CollectiveTimeout, Communicator, Handle
+from distrib.ddp import DistributedDataParallel
 from distrib.env import LaunchError, World, read_world
-from distrib.world import BACKENDS, init
+from distrib.world import BACKENDS, init, init_process_group
+from distrib.zero import ZeroOffloadOptimizer
 
 __all__ = [
     "ALGORITHMS",
@@ -11,9 +13,12 @@ __all__ = [
     "CollectiveError",
     "CollectiveTimeout",
     "Communicator",
+    "DistributedDataParallel",
     "Handle",
     "LaunchError",
     "World",
+    "ZeroOffloadOptimizer",
     "init",
+    "init_process_group",
     "read_world",
 ]

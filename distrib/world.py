@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from datetime import timedelta
 
 import torch
 
@@ -128,3 +129,52 @@ def _report_failures(world: World) -> None:
 
     hook._distrib = True  # type: ignore[attr-defined]
     sys.excepthook = hook
+
+
+# The torch.distributed default group that init_process_group starts next to an "mpi" or "local" communicator.
+_torch_group: Communicator | None = None
+
+
+def init_process_group(
+    backend: str | None = None,
+    init_method: str | None = None,
+    timeout: float | timedelta | None = None,
+    world_size: int = -1,
+    rank: int = -1,
+    *,
+    algorithm: str = "native",
+) -> Communicator:
+    """A drop-in for `torch.distributed.init_process_group`: builds distrib's Communicator (see `init`) and makes
+    sure torch.distributed's default group exists, so a script's `dist.get_rank()`, `dist.barrier()` and
+    DistributedSampler keep working under mpirun and torchrun alike.
+
+    backend "gloo" or "nccl": that Communicator is the default group (under mpirun found through MPI, no
+    MASTER_ADDR needed). "mpi": torch is rarely built with MPI, so distrib's collectives (and its DDP) go over
+    mpi4py, and a gloo default group, found through MPI, serves the script's own dist.* calls. None: the
+    launcher's default (`default_backend`), with a gloo default group next to "mpi" or "local" the same way.
+    Returns the Communicator (torch's returns None).
+    """
+    global _torch_group
+    world = read_world()
+    if init_method not in (None, "env://"):
+        raise ValueError(
+            f"init_method={init_method!r} is not supported: distrib finds the other ranks through the launcher "
+            "(torchrun's MASTER_ADDR/MASTER_PORT, or MPI); leave init_method None"
+        )
+    for name, given, actual in (("world_size", world_size, world.size), ("rank", rank, world.rank)):
+        if given not in (-1, actual):
+            raise ValueError(
+                f"{name}={given}, but the launcher ({world.launcher}) made this process's {name} {actual}; omit it"
+            )
+    seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+    comm = init(backend, timeout=seconds, algorithm=algorithm)
+    if comm.backend in ("mpi", "local") and _torch_group is None:
+        from distrib.comm.torch_dist import TorchCommunicator, rendezvous
+
+        _torch_group = TorchCommunicator("gloo", comm.rank, comm.size, store=rendezvous(comm), timeout=comm.timeout)
+        _torch_group.barrier()  # a rank may finish connecting before its peers; leaving at once would break theirs
+        if comm.backend == "mpi":  # torch.distributed has just wrapped sys.excepthook; ours goes outermost
+            from distrib.comm.mpi import abort_on_exception
+
+            abort_on_exception(comm.rank, comm.size)
+    return comm

@@ -1,0 +1,214 @@
+"""distrib's DDP at whatever world size launched us, against a one-process reference that sees every rank's data."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distrib import DistributedDataParallel
+from distrib.buckets import Reducer
+
+TINY_MB = 1e-6  # every parameter closes its own bucket
+ALGORITHMS = ["naive", "ring", "native"]  # the ones every backend has
+
+
+def mlp(seed: int) -> nn.Sequential:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+
+
+def batch(rank: int, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1000 * step + rank)
+    return torch.randn(4, 5, generator=gen), torch.randn(4, 3, generator=gen)
+
+
+def reference_grads(model: nn.Module, size: int, steps: range) -> list[torch.Tensor]:
+    """Every rank's loss on one process, averaged over ranks and summed over steps: what DDP must produce."""
+    model.zero_grad()
+    for step in steps:
+        for rank in range(size):
+            x, y = batch(rank, step)
+            (F.mse_loss(model(x), y) / size).backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def everywhere(comm, t: torch.Tensor) -> list[list[float]]:
+    return comm.allgather_object(t.detach().reshape(-1).tolist())
+
+
+@pytest.mark.parametrize("as_view", [False, True], ids=["copy", "view"])
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_gradients_are_averaged_over_ranks(comm, algorithm, as_view):
+    ddp = DistributedDataParallel(
+        mlp(seed=comm.rank), comm=comm, algorithm=algorithm, bucket_cap_mb=TINY_MB, gradient_as_bucket_view=as_view
+    )
+    reference = mlp(seed=0)  # construction hands every rank rank 0's weights
+    for p, q in zip(ddp.parameters(), reference.parameters()):
+        assert torch.equal(p, q)
+    for step in range(2):  # the second step reuses the buckets (and, as a view, accumulates into them)
+        x, y = batch(comm.rank, step)
+        F.mse_loss(ddp(x), y).backward()
+        for p, expected in zip(ddp.parameters(), reference_grads(reference, comm.size, range(step + 1))):
+            torch.testing.assert_close(p.grad, expected, rtol=1e-5, atol=1e-6)
+        if as_view:  # no copy-out: each gradient lives in its bucket
+            storages = {b.flat.untyped_storage().data_ptr() for b in ddp.reducer.buckets}
+            assert all(p.grad.untyped_storage().data_ptr() in storages for p in ddp.parameters())
+
+
+def test_allreduces_start_while_backward_runs(comm, monkeypatch):
+    model = mlp(seed=0)
+    events: list[str] = []
+    for name, p in model.named_parameters():  # registered before DDP's hooks, so each runs first
+        p.register_post_accumulate_grad_hook(lambda p, name=name: events.append(f"grad {name}"))
+    ddp = DistributedDataParallel(model, comm=comm, bucket_cap_mb=TINY_MB)
+    launch = comm.allreduce
+
+    def recording(t, *args, **kwargs):
+        assert kwargs.get("async_op"), "a bucket's allreduce must not block backward"
+        events.append("launch")
+        return launch(t, *args, **kwargs)
+
+    finish = ddp.reducer.finish
+    monkeypatch.setattr(comm, "allreduce", recording)
+    monkeypatch.setattr(ddp.reducer, "finish", lambda late: events.append("end of backward") or finish(late))
+    x, y = batch(comm.rank)
+    F.mse_loss(ddp(x), y).backward()
+    assert len(ddp.reducer.buckets) == 6 and events.count("launch") == 6, events
+    last_grad = events.index("grad 0.weight")  # the first layer's weight is the last gradient backward computes
+    assert events.index("end of backward") > last_grad, events
+    assert events[:last_grad].count("launch") >= 4, f"allreduces should start during backward: {events}"
+    assert events[1] == "launch", events  # the first gradient's bucket goes at once
+
+
+def test_no_sync_accumulates_locally_then_averages(comm, monkeypatch):
+    ddp = DistributedDataParallel(mlp(seed=0), comm=comm)
+    reference = mlp(seed=0)
+    launches = []
+    launch = comm.allreduce
+    monkeypatch.setattr(comm, "allreduce", lambda *a, **k: launches.append(1) or launch(*a, **k))
+    for step in range(2):
+        with ddp.no_sync():
+            x, y = batch(comm.rank, step)
+            F.mse_loss(ddp(x), y).backward()
+        local = reference_grads(reference, 1, range(step + 1)) if comm.rank == 0 else None
+        if comm.rank == 0:  # rank 0's own gradients, unaveraged: the reference at size 1 sees only rank 0's data
+            for p, expected in zip(ddp.parameters(), local):
+                torch.testing.assert_close(p.grad, expected)
+    assert not launches, "no_sync must not communicate"
+    averaged = reference_grads(reference, comm.size, range(2))
+    if comm.size > 1:  # as torch's own test: accumulated local gradients differ from the synchronised ones
+        assert not all(torch.allclose(p.grad, q) for p, q in zip(ddp.parameters(), averaged))
+    x, y = batch(comm.rank, 2)
+    F.mse_loss(ddp(x), y).backward()  # the first synchronised step averages everything accumulated
+    for p, expected in zip(ddp.parameters(), reference_grads(reference, comm.size, range(3))):
+        torch.testing.assert_close(p.grad, expected, rtol=1e-5, atol=1e-6)
+
+
+class Branchy(nn.Module):
+    """`b` is used only when asked, `c` never (when `with_c`): unused parameters on purpose."""
+
+    def __init__(self, with_c: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(5, 5), nn.Linear(5, 5)
+        self.c = nn.Linear(5, 3) if with_c else None
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor, use_b: bool) -> torch.Tensor:
+        h = self.a(x)
+        return self.head(self.b(h) if use_b else h)
+
+
+@pytest.mark.parametrize("as_view", [False, True], ids=["copy", "view"])
+def test_find_unused_parameters(comm, as_view):
+    ddp = DistributedDataParallel(
+        Branchy(with_c=True), comm=comm, find_unused_parameters=True, gradient_as_bucket_view=as_view
+    )
+    reference = Branchy(with_c=True)
+    for rank in range(comm.size):  # b is used on rank 0 only; c on no rank
+        x, y = batch(rank)
+        (F.mse_loss(reference(x, use_b=rank == 0), y) / comm.size).backward()
+    x, y = batch(comm.rank)
+    F.mse_loss(ddp(x, use_b=comm.rank == 0), y).backward()
+    for (name, p), q in zip(ddp.module.named_parameters(), reference.parameters()):
+        if name.startswith("c."):
+            assert p.grad is None, "a parameter no rank used keeps its gradient untouched, as in torch"
+        else:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_parameter_used_on_one_rank_only_is_an_error_not_a_hang(comm):
+    if comm.size == 1:
+        pytest.skip("needs two ranks")
+    ddp = DistributedDataParallel(Branchy(with_c=False), comm=comm)
+    x, y = batch(comm.rank)
+    start = time.monotonic()
+    expected = rf"'b.weight' \(gradient on 1 of {comm.size} ranks\).*find_unused_parameters=True"
+    with pytest.raises(RuntimeError, match=expected):
+        F.mse_loss(ddp(x, use_b=comm.rank == 0), y).backward()
+    assert time.monotonic() - start < 10, "every rank must find out at once, not after a timeout"
+    ddp.zero_grad()
+    F.mse_loss(ddp(x, use_b=True), y).backward()  # the wrapper is still usable once every rank agrees
+    assert all(p.grad is not None for p in ddp.parameters())
+
+
+def test_buffers_follow_rank_0(comm):
+    torch.manual_seed(comm.rank)
+    model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6))
+    bn = model[1]
+    with torch.no_grad():
+        bn.running_mean.uniform_()  # differ across ranks before construction
+    ddp = DistributedDataParallel(model, comm=comm)
+    assert all(row == everywhere(comm, bn.running_mean)[0] for row in everywhere(comm, bn.running_mean))
+    with torch.no_grad():
+        bn.running_mean.fill_(comm.rank + 1.0)
+        bn.num_batches_tracked.fill_(comm.rank + 7)
+    x, _ = batch(comm.rank)
+    expected_mean = 0.9 * 1.0 + 0.1 * model[0](x).mean(0)  # rank 0's running mean, then this rank's batch
+    ddp(x)  # train mode: rank 0's buffers arrive before forward, then this rank's batch updates them
+    torch.testing.assert_close(bn.running_mean, expected_mean.detach())
+    assert int(bn.num_batches_tracked) == 8
+    plain = DistributedDataParallel(
+        nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6)), comm=comm, broadcast_buffers=False
+    )
+    with torch.no_grad():
+        plain.module[1].running_mean.fill_(comm.rank)
+    plain.eval()
+    plain(x)
+    assert plain.module[1].running_mean.tolist() == [float(comm.rank)] * 6
+
+
+def test_model_that_differs_across_ranks_is_named_at_construction(comm):
+    if comm.size == 1:
+        pytest.skip("needs two ranks")
+    last = comm.size - 1
+    model = nn.Sequential(nn.Linear(5, 4), nn.Linear(4 + (comm.rank == last), 3))
+    start = time.monotonic()
+    expected = (
+        rf"parameter #2: '1.weight' float32 \(3, 4\) on rank 0 but '1.weight' float32 \(3, 5\) on rank\(s\) \[{last}\]"
+    )
+    with pytest.raises(ValueError, match=expected):
+        DistributedDataParallel(model, comm=comm)
+    assert time.monotonic() - start < 10
+
+
+def test_reducer_launches_buckets_in_order_whatever_order_they_fill(comm):
+    params = [torch.zeros(3, requires_grad=True) for _ in range(3)]
+    reducer = Reducer(comm, params, cap_bytes=1, first_cap_bytes=1, algorithm="native", grad_as_view=False)
+    order = [b.indices[0] for b in reducer.buckets]
+    assert order == [2, 1, 0]
+    for p in params:
+        p.grad = torch.full((3,), float(comm.rank))
+    reducer.ready(0)  # the last bucket fills first: held until the others have gone
+    assert reducer.launched == 0
+    reducer.ready(2)
+    assert reducer.launched == 1
+    reducer.ready(1)
+    assert reducer.launched == 3
+    assert reducer.finish({}) == [comm.size] * 3
+    mean = sum(range(comm.size)) / comm.size
+    assert all(torch.allclose(p.grad, torch.full((3,), mean)) for p in params)
