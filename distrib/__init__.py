@@ -3,6 +3,7 @@
 from distrib.comm import ALGORITHMS, OPS, CollectiveError, CollectiveTimeout, Communicator, Handle
 from distrib.ddp import DistributedDataParallel
 from distrib.env import LaunchError, World, read_world
+from distrib.tracing import trace
 from distrib.world import BACKENDS, init, init_process_group
 from distrib.zero import ZeroOffloadOptimizer
 
@@ -21,4 +22,5 @@ __all__ = [
     "init",
     "init_process_group",
     "read_world",
+    "trace",
 ]

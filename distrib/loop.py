@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distrib import trace
+from distrib import tracing
 from distrib.comm import Communicator
 from distrib.data import Shard, num_steps, shard, split
 from distrib.tasks.base import Batch, Models, Task
@@ -92,7 +92,7 @@ def train(
     progress = progress if progress is not None else Progress()
     history = []
     while progress.epoch < config.epochs:
-        epoch, started, seen, stage = progress.epoch, time.perf_counter(), 0, _Stages()
+        epoch, started, seen, stage = progress.epoch, time.perf_counter(), 0, _Stages(comm)
         for model in models.values():
             model.train()
         with stage("collect"):
@@ -174,17 +174,23 @@ def validate(task: Task, models: Models, comm: Communicator, chunk: int = 4096) 
 
 
 class _Stages:
-    """Seconds spent per stage of the loop this epoch; each stage is also a span when a trace is recording."""
+    """Seconds spent per stage of the loop this epoch; each stage is also a span when a trace is recording.
 
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
+    "comm" is the part of the compute stages spent blocked on collectives: communication not hidden by compute.
+    """
+
+    def __init__(self, comm: Communicator) -> None:
+        self.comm = comm
+        self.seconds: dict[str, float] = {"comm": 0.0}
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
-        with trace.span(name):
+        start, blocked = time.perf_counter(), self.comm.blocked_seconds
+        with tracing.span(name):
             yield
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+        if name in ("forward", "backward", "step"):
+            self.seconds["comm"] += self.comm.blocked_seconds - blocked
 
 
 def _groups(minibatches: Iterator[Shard], size: int) -> Iterator[list[Shard]]:

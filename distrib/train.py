@@ -28,7 +28,7 @@ from distrib.optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_schedule
 from distrib.report import Reporter
 from distrib.stopping import Peers, StopSignals, watch_rank
 from distrib.tasks.classify import Classify, read_data
-from distrib.trace import trace
+from distrib.tracing import trace
 
 
 class _Parser(argparse.ArgumentParser):

@@ -31,3 +31,21 @@ def test_time_summary_adds_up():
     line = where_time_went(stats)
     assert "compute 38%" in line and "communication not hidden 25%" in line  # 3 of 8 s, 2 of 8 s
     assert "waiting on the slowest rank 12%" in line and "data 12%" in line and "of 8.00 s" in line
+
+
+def test_trace_shows_bucket_allreduces_overlapping_backward(tmp_path):
+    path = tmp_path / "overlap.json"
+    result = run_ranks("mpiexec", 2, ["tests/scripts/trace_overlap.py", str(path)], timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = [e for e in json.loads(path.read_text())["traceEvents"] if e["ph"] == "X"]
+    for rank in (0, 1):
+        backward = [e for e in events if e["pid"] == rank and e["name"] == "backward"]
+        buckets = [e for e in events if e["pid"] == rank and e["name"] == "allreduce" and e["tid"] != "MainThread"]
+        assert len(backward) == 3 and len(buckets) >= 6, (len(backward), len(buckets))  # 6 layers, 0.25 MiB buckets
+        for b in backward:
+            end = b["ts"] + b["dur"]
+            inside = [a for a in buckets if b["ts"] <= a["ts"] < end]
+            # Overlap, read from the trace: several bucket allreduces start on the engine thread while backward
+            # is still running, the first of them before the last bucket is even launched.
+            assert len(inside) >= 2, inside
+            assert min(a["ts"] for a in inside) < max(a["ts"] - a["args"]["queued_us"] for a in inside)

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from distrib import trace as tracing
+from distrib import tracing
 from distrib.comm.local import LocalCommunicator
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -16,7 +17,8 @@ from typing import Any
 class Handle:
     """The result of an asynchronous collective: `wait()` returns it (or raises its error)."""
 
-    def __init__(self) -> None:
+    def __init__(self, engine: Engine | None = None) -> None:
+        self._engine = engine
         self._done = threading.Event()
         self._result: Any = None
         self._error: BaseException | None = None
@@ -26,6 +28,10 @@ class Handle:
 
     def wait(self) -> Any:
         # No deadline here: the collective itself carries one and fails the handle when it passes.
+        if not self._done.is_set() and self._engine is not None:
+            start = time.perf_counter_ns()
+            self._done.wait()
+            self._engine.blocked_ns += time.perf_counter_ns() - start  # communication the caller did not hide
         self._done.wait()
         if self._error is not None:
             raise self._error
@@ -46,6 +52,7 @@ class Engine:
         self._pending = 0
         self._lock = threading.Lock()
         self._failed: BaseException | None = None
+        self.blocked_ns = 0  # time callers spent waiting on collectives, on their own thread
 
     @property
     def idle(self) -> bool:
@@ -53,7 +60,7 @@ class Engine:
         return self._pending == 0
 
     def submit(self, job: Callable[[], Any]) -> Handle:
-        handle = Handle()
+        handle = Handle(self)
         with self._lock:
             self._pending += 1
             if self._thread is None:

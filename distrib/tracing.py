@@ -58,6 +58,10 @@ class Recorder:
         finally:
             self.add(name, cat, start, self.now(), **args)
 
+    def collective(self, name: str, queued_ns: int, started_ns: int, finished_ns: int, info: dict[str, Any]) -> None:
+        """A Communicator observer: one span per collective, on the thread that ran it (the engine's, if async)."""
+        self.add(name, "comm", started_ns, finished_ns, queued_us=(started_ns - queued_ns) / 1000, **info)
+
     def merged(self) -> dict[str, Any] | None:
         """Every rank's events in one trace (on rank 0; None elsewhere), a process per rank, named tracks."""
         everyone = self.comm.allgather_object(self._events)
@@ -89,9 +93,11 @@ def trace(path: str | Path, comm: Communicator) -> Iterator[Recorder]:
     if _active is not None:
         raise RuntimeError("a trace is already being recorded in this process; traces do not nest")
     _active = Recorder(comm)
+    comm.observer = _active.collective
     try:
         yield _active
     finally:
+        comm.observer = None
         recorder_, _active = _active, None
         merged = recorder_.merged()
         if merged is not None:

@@ -1,0 +1,19 @@
+"""Trains a few steps of a 6-layer MLP in small DDP buckets under distrib.trace; the test reads the trace."""
+
+import sys
+
+import torch
+from torch import nn
+
+import distrib
+from distrib.tracing import span
+
+comm = distrib.init()
+torch.manual_seed(0)
+layers = [nn.Linear(256, 256) for _ in range(6)]
+model = distrib.DistributedDataParallel(nn.Sequential(*layers), comm=comm, bucket_cap_mb=0.25, algorithm="ring")
+with distrib.trace(sys.argv[1], comm):
+    for _ in range(3):
+        loss = model(torch.randn(64, 256)).square().mean()
+        with span("backward"):
+            loss.backward()
