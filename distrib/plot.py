@@ -1,4 +1,5 @@
-"""Draw a run's learning curves to PNG: `python -m distrib.plot RUN_DIR` (train.py calls it at the end)."""
+"""Draw to PNG: a run's learning curves (`python -m distrib.plot RUN_DIR`, also at a run's end), or a collective
+benchmark's bus bandwidth against message size (`python -m distrib.plot benchmarks/results/allreduce_2ranks.json`)."""
 
 from __future__ import annotations
 
@@ -37,8 +38,36 @@ def plot_run(run_dir: Path) -> Path:
     return path
 
 
+def plot_busbw(results: Path) -> Path:
+    """busbw against bytes, one line per (backend, algorithm), log-log, from a benchmark's JSON rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(results.read_text())
+    rows = data["rows"] if isinstance(data, dict) else data
+    if not rows or "busbw_gbps" not in rows[0]:
+        raise ValueError(f"{results} holds no benchmark rows with busbw_gbps")
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for key in sorted({(r["backend"], r["algorithm"]) for r in rows}):
+        line = sorted((r["bytes"], r["busbw_gbps"]) for r in rows if (r["backend"], r["algorithm"]) == key)
+        ax.plot(*zip(*line), marker="o", label=f"{key[1]} ({key[0]})")
+    ax.set(xscale="log", yscale="log", xlabel="bytes", ylabel="busbw (GB/s)", title=results.stem)
+    ax.legend()
+    fig.tight_layout()
+    path = results.with_suffix(".busbw.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2 or not (Path(sys.argv[1]) / "metrics.jsonl").is_file():
-        print("usage: python -m distrib.plot RUN_DIR   (a directory holding metrics.jsonl)", file=sys.stderr)
+    target = Path(sys.argv[1]) if len(sys.argv) == 2 else None
+    if target is not None and target.suffix == ".json" and target.is_file():
+        print(plot_busbw(target))
+    elif target is not None and (target / "metrics.jsonl").is_file():
+        print(plot_run(target))
+    else:
+        print("usage: python -m distrib.plot RUN_DIR | BENCHMARK.json", file=sys.stderr)
         sys.exit(2)
-    print(plot_run(Path(sys.argv[1])))

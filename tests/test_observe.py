@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import sys
 
 from distrib.report import where_time_went
-from tests.launching import run_ranks
+from tests.launching import run, run_ranks
 
 
 def test_trace_tensorboard_and_time_summary(tmp_path):
@@ -49,3 +50,23 @@ def test_trace_shows_bucket_allreduces_overlapping_backward(tmp_path):
             # is still running, the first of them before the last bucket is even launched.
             assert len(inside) >= 2, inside
             assert min(a["ts"] for a in inside) < max(a["ts"] - a["args"]["queued_us"] for a in inside)
+
+
+def test_plot_draws_runs_and_benchmark_results(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(
+        "\n".join(
+            json.dumps({"epoch": e, "train_loss": 1 / (e + 1), "val_loss": 1.2 / (e + 1), "val_accuracy": 0.5 + e / 10})
+            for e in range(3)
+        )  # fmt: skip
+    )
+    rows = [
+        {"backend": "mpi", "algorithm": a, "bytes": b, "busbw_gbps": b / 1e6}
+        for a in ("ring", "native")
+        for b in (4096, 1 << 20)
+    ]
+    (tmp_path / "bench.json").write_text(json.dumps({"rows": rows}))
+    for target, made in ((tmp_path, tmp_path / "curves.png"), (tmp_path / "bench.json", tmp_path / "bench.busbw.png")):
+        result = run([sys.executable, "-m", "distrib.plot", str(target)], timeout=60)
+        assert result.returncode == 0 and made.stat().st_size > 1000, result.stderr
+    bad = run([sys.executable, "-m", "distrib.plot", str(tmp_path / "missing")], timeout=60)
+    assert bad.returncode == 2 and "usage: python -m distrib.plot RUN_DIR | BENCHMARK.json" in bad.stderr
