@@ -10,6 +10,7 @@ from __future__ import annotations
 import abc
 import os
 import pickle
+import time
 import zlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -20,7 +21,7 @@ from distrib.comm import algorithms
 from distrib.comm.engine import Engine, Handle
 
 OPS = ("sum", "avg", "max", "min")
-ALGORITHMS = ("naive", "ring", "native")
+ALGORITHMS = ("naive", "ring", "native", "shm")
 DTYPES = (
     torch.float32,
     torch.float64,
@@ -75,6 +76,14 @@ class Communicator(abc.ABC):
         self.device = torch.device("cpu")  # where object collectives stage their bytes
         self._verify_left = -1 if os.environ.get("DISTRIB_VERIFY") == "all" else VERIFY_CALLS
         self._engine = Engine(f"distrib-{self.backend}-rank{rank}")
+        # Called as observer(name, queued_ns, started_ns, finished_ns, info) after every collective, on the thread
+        # that ran it; distrib.trace sets it while recording.
+        self.observer: Callable[[str, int, int, int, dict[str, Any]], None] | None = None
+
+    @property
+    def blocked_seconds(self) -> float:
+        """Time callers have spent blocked in this communicator's collectives: communication not hidden."""
+        return self._engine.blocked_ns / 1e9
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(rank={self.rank}, size={self.size}, algorithm={self.algorithm!r})"
@@ -140,12 +149,14 @@ class Communicator(abc.ABC):
             if self.size == 1 or t.numel() == 0:
                 return t
             work = self._staged(t)
-            flat = work.view(-1)
+            flat = work if work.dim() == 1 else work.view(-1)
             base_op = "sum" if op == "avg" else op
             if algorithm == "native":
                 self._native_allreduce(flat, base_op)
             elif algorithm == "ring":
                 algorithms.ring_allreduce_(self, flat, base_op)
+            elif algorithm == "shm":
+                self._shm().allreduce_(flat, base_op)
             else:
                 algorithms.naive_allreduce_(self, flat, base_op)
             if op == "avg":
@@ -154,7 +165,7 @@ class Communicator(abc.ABC):
                 t.copy_(work)
             return t
 
-        return self._run(job, async_op)
+        return self._run(job, async_op, "allreduce", op=op, algorithm=algorithm, bytes=t.numel() * t.element_size())
 
     def reduce_scatter(
         self, t: torch.Tensor, op: str = "sum", algorithm: str | None = None, async_op: bool = False
@@ -185,6 +196,8 @@ class Communicator(abc.ABC):
                     self._native_reduce_scatter(flat, shard, base_op)
             elif algorithm == "ring":
                 shard = algorithms.ring_reduce_scatter_(self, flat, base_op)
+            elif algorithm == "shm":
+                shard = self._shm().reduce_scatter_(flat, base_op)
             else:
                 algorithms.naive_allreduce_(self, flat, base_op)
                 shard = flat[self.rank * part : (self.rank + 1) * part]
@@ -192,7 +205,9 @@ class Communicator(abc.ABC):
                 shard.div_(self.size)
             return shard.view(t.shape[0] // self.size, *t.shape[1:]).to(t.device)
 
-        return self._run(job, async_op)
+        return self._run(
+            job, async_op, "reduce_scatter", op=op, algorithm=algorithm, bytes=t.numel() * t.element_size()
+        )
 
     def allgather(
         self,
@@ -226,13 +241,15 @@ class Communicator(abc.ABC):
                     self._native_allgather(mine, flat)
                 elif algorithm == "ring":
                     algorithms.ring_allgather_(self, flat)
+                elif algorithm == "shm":
+                    self._shm().allgather_(flat)
                 else:
                     algorithms.naive_allgather_(self, flat)
             if work is not out:
                 out.copy_(work)
             return out
 
-        return self._run(job, async_op)
+        return self._run(job, async_op, "allgather", algorithm=algorithm, bytes=out.numel() * out.element_size())
 
     def broadcast(self, t: torch.Tensor, root: int = 0, async_op: bool = False) -> torch.Tensor | Handle:
         """Copy rank `root`'s `t` into every rank's `t`, in place."""
@@ -250,15 +267,15 @@ class Communicator(abc.ABC):
                 t.copy_(work)
             return t
 
-        return self._run(job, async_op)
+        return self._run(job, async_op, "broadcast", root=root, bytes=t.numel() * t.element_size())
 
     def barrier(self, async_op: bool = False) -> None | Handle:
         """Return once every rank has called barrier (or raise CollectiveTimeout)."""
-        return self._run(lambda: self._native_barrier() if self.size > 1 else None, async_op)
+        return self._run(lambda: self._native_barrier() if self.size > 1 else None, async_op, "barrier")
 
     def allgather_object(self, obj: Any) -> list[Any]:
         """Every rank's picklable `obj`, as a list indexed by rank."""
-        return self._run(lambda: self._allgather_object(obj), async_op=False)
+        return self._run(lambda: self._allgather_object(obj), False, "allgather_object")
 
     def broadcast_object(self, obj: Any, root: int = 0) -> Any:
         """Rank `root`'s picklable `obj`, on every rank."""
@@ -272,11 +289,17 @@ class Communicator(abc.ABC):
 
     # Shared machinery.
 
-    def _run(self, job: Callable[[], Any], async_op: bool) -> Any:
+    def _run(self, job: Callable[[], Any], async_op: bool, name: str = "", **info: Any) -> Any:
+        if self.observer is not None:
+            job = _observed(job, self.observer, name, info)
         if async_op:
             return self._engine.submit(job)
         if self._engine.idle:  # nothing queued before us: run on the caller's thread, no hand-off cost
-            return job()
+            start = time.perf_counter_ns()
+            try:
+                return job()
+            finally:
+                self._engine.blocked_ns += time.perf_counter_ns() - start
         return self._engine.submit(job).wait()  # queued behind earlier async work, to keep the order
 
     def _allgather_object(self, obj: Any) -> list[Any]:
@@ -327,7 +350,17 @@ class Communicator(abc.ABC):
     def _check_algorithm(self, algorithm: str) -> str:
         if algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}; got {algorithm!r}")
+        if algorithm == "shm" and (why := self._shm_unavailable()):
+            raise ValueError(f"algorithm 'shm' {why}; use 'ring' or 'native'")
         return algorithm
+
+    def _shm_unavailable(self) -> str:
+        """Why this communicator cannot run algorithm "shm" ("" when it can)."""
+        return f"needs the mpi backend (ranks sharing memory through MPI-3 windows), not {self.backend!r}"
+
+    def _shm(self) -> Any:
+        """The shared-memory collectives (distrib.comm.shm.SharedMemory) of a backend that has them."""
+        raise NotImplementedError(f"{type(self).__name__} has no shared-memory collectives")
 
     @staticmethod
     def _check(t: Any, op: str) -> None:
@@ -340,3 +373,19 @@ class Communicator(abc.ABC):
             raise ValueError(f"op must be one of {', '.join(OPS)}; got {op!r}")
         if op == "avg" and not t.is_floating_point():
             raise ValueError(f"op='avg' needs a floating-point tensor, got {t.dtype}; use op='sum' and divide")
+
+
+def _observed(
+    job: Callable[[], Any], observer: Callable[..., None], name: str, info: dict[str, Any]
+) -> Callable[[], Any]:
+    """`job`, reporting to `observer` when it was queued, started and finished."""
+    queued = time.perf_counter_ns()
+
+    def run() -> Any:
+        started = time.perf_counter_ns()
+        try:
+            return job()
+        finally:
+            observer(name, queued, started, time.perf_counter_ns(), info)
+
+    return run

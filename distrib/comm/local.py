@@ -27,6 +27,9 @@ class LocalCommunicator(Communicator):
     def wait_all(self, pending: Pending, what: str) -> None:
         return None
 
+    def _shm_unavailable(self) -> str:
+        return ""  # one rank shares memory with itself: "shm", like every algorithm, is the identity
+
     def _native_allreduce(self, flat: torch.Tensor, op: str) -> None:
         return None
 

@@ -11,12 +11,13 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from mpi4py import MPI
 
 from distrib.comm.base import Communicator, Pending
+from distrib.comm.shm import SharedMemory
 
 _TYPES = {
     torch.float32: MPI.FLOAT,
@@ -30,15 +31,43 @@ _TYPES = {
 }
 _OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
 _HALF = (torch.float16, torch.bfloat16)
-_SPINS_PER_CHECK = 64  # polls between looks at the clock (and yields, for oversubscribed ranks)
+_CHECK_EVERY = 32  # polls between looks at the clock
+_SPIN_SECONDS = 2e-4  # poll without yielding this long: on a busy host one yield can cost a whole time slice
 
 
 def _buffer(t: torch.Tensor) -> list:
-    """[memory, MPI datatype] for a contiguous tensor, sharing its storage."""
-    if t.device.type == "cuda":
+    """[memory, MPI datatype] for a contiguous tensor, sharing its storage; the caller keeps `t` alive."""
+    if t.is_cuda:
         return [t.detach().view(torch.int16) if t.dtype in _HALF else t.detach(), _TYPES[t.dtype]]
-    words = t.detach().view(torch.int16) if t.dtype in _HALF else t.detach()
-    return [words.numpy(), _TYPES[t.dtype]]
+    # A bare address is the cheapest handle for MPI (a numpy view costs a microsecond more per message).
+    return [MPI.memory.fromaddress(t.data_ptr(), t.numel() * t.itemsize), _TYPES[t.dtype]]
+
+
+def poll(done: Callable[[], bool], timeout: float, crowded: bool) -> bool:
+    """Call `done` until it returns True (then True) or `timeout` seconds pass (then False).
+
+    Short waits spin: peers on other cores answer within microseconds. Long waits, and every wait when ranks
+    outnumber cores (the peer may need this core to make progress), yield the core between polls.
+    """
+    if done():
+        return True
+    start, spins, patient = time.monotonic(), 0, crowded
+    while not done():
+        spins += 1
+        if spins % _CHECK_EVERY == 0:
+            waited = time.monotonic() - start
+            if waited > timeout:
+                return False
+            patient = patient or waited > _SPIN_SECONDS
+        if patient:
+            os.sched_yield()
+    return True
+
+
+def _cores() -> set[int]:
+    """The CPU cores this process may run on."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return set(affinity(0)) if affinity else set(range(os.cpu_count() or 1))
 
 
 def _cuda_aware() -> bool:
@@ -53,7 +82,11 @@ class MPICommunicator(Communicator):
 
     def __init__(self, comm: MPI.Comm | None = None, *, timeout: float | None = None, algorithm: str = "native"):
         self._comm = (comm or MPI.COMM_WORLD).Dup()  # our traffic never matches a user's own MPI calls
+        self._host = self._comm.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks on this host
+        self._shared: SharedMemory | None = None  # algorithm "shm"'s window, made on first use
         super().__init__(self._comm.Get_rank(), self._comm.Get_size(), timeout=timeout, algorithm=algorithm)
+        cores = set().union(*self._host.allgather(_cores()))
+        self._crowded = self._host.Get_size() > len(cores)  # oversubscribed: waiting ranks must give way
         if torch.cuda.is_available() and _cuda_aware():
             self.devices = ("cpu", "cuda")
 
@@ -66,16 +99,24 @@ class MPICommunicator(Communicator):
     def wait_all(self, pending: Pending, what: str) -> None:
         # MPI's own waits cannot time out, so poll: a dead or missing peer becomes an error, not a hang.
         requests = [request for request, _ in pending]
-        if not requests or MPI.Request.Testall(requests):
-            return
-        deadline = time.monotonic() + self.timeout
-        spins = 0
-        while not MPI.Request.Testall(requests):
-            spins += 1
-            if spins % _SPINS_PER_CHECK == 0:
-                if time.monotonic() > deadline:
-                    raise self._timeout(what, [peer for request, peer in pending if not request.Test()])
-                os.sched_yield()
+        if requests:
+            self._until(lambda: MPI.Request.Testall(requests), what, lambda: [p for r, p in pending if not r.Test()])
+
+    def _until(self, done: Callable[[], bool], what: str, missing: Callable[[], list[int]]) -> None:
+        """Poll `done` until it holds, else raise CollectiveTimeout naming `what` and the `missing()` ranks."""
+        if not poll(done, self.timeout, self._crowded):
+            raise self._timeout(what, missing())
+
+    def _shm_unavailable(self) -> str:
+        if self._host.Get_size() < self._comm.Get_size():
+            return f"needs every rank on one host, but these {self._comm.Get_size()} ranks span several hosts"
+        return ""
+
+    def _shm(self) -> SharedMemory:
+        if self._shared is None:
+            self._native_barrier()  # all ranks are here (a wait with a deadline) before a set-up that has none
+            self._shared = SharedMemory(self._host, self._until)
+        return self._shared
 
     def _native_allreduce(self, flat: torch.Tensor, op: str) -> None:
         if flat.dtype in _HALF:
@@ -107,6 +148,9 @@ class MPICommunicator(Communicator):
         self.wait_all([(self._comm.Ibarrier(), -1)], "MPI barrier")
 
     def close(self) -> None:
+        if self._shared is not None:
+            self._shared.close()
+        self._host.Free()
         self._comm.Free()
 
 
@@ -122,5 +166,6 @@ def abort_on_exception(rank: int, size: int) -> None:
         traceback.print_exception(kind, value, tb, file=err)
         err.flush()
         MPI.COMM_WORLD.Abort(1)
+        os._exit(1)  # Abort returns when the launcher is out of reach (a cut link): end here, not in MPI_Finalize
 
     sys.excepthook = hook

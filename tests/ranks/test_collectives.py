@@ -2,13 +2,27 @@
 
 from __future__ import annotations
 
+import random
+import re
+
 import numpy as np
 import pytest
 import torch
 
-ALGORITHMS = ["naive", "ring", "native"]
+from distrib import CollectiveTimeout
+from distrib.comm.base import VERIFY_CALLS
+
+ALGORITHMS = ["naive", "ring", "native", "shm"]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.int64]
 HALF = (torch.float16, torch.bfloat16)
+
+
+@pytest.fixture(autouse=True)
+def _shm_needs_mpi(request, comm):
+    """Algorithm "shm" runs on the mpi backend only; test_shm_refused_elsewhere checks the others refuse it."""
+    params = getattr(request.node, "callspec", None)
+    if params and params.params.get("algorithm") == "shm" and comm.backend != "mpi":
+        pytest.skip(f"algorithm 'shm' is for the mpi backend, not {comm.backend}")
 
 
 def rank_tensor(rank: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -42,6 +56,15 @@ def test_allreduce_sum(comm, algorithm, dtype, numel):
     t = rank_tensor(comm.rank, numel, dtype)
     assert comm.allreduce(t, algorithm=algorithm) is t  # in place
     assert_matches(t, reference(comm.size, numel, dtype, "sum"), dtype, comm.size)
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_allreduce_same_bits_on_every_rank(comm, algorithm):
+    """Replicas stay identical only if every rank gets the very same float32 bits, not just close ones."""
+    t = rank_tensor(comm.rank, 700_001, torch.float32) * 1000
+    comm.allreduce(t, algorithm=algorithm)
+    everyone = comm.allgather(t)
+    assert all(torch.equal(everyone[r * t.numel() : (r + 1) * t.numel()], t) for r in range(comm.size))
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
@@ -119,8 +142,9 @@ def test_broadcast(comm, root, dtype):
 
 
 def test_async_handles_complete_in_order(comm):
-    tensors = [rank_tensor(comm.rank, 5000, torch.float64) for _ in ALGORITHMS]
-    handles = [comm.allreduce(t, algorithm=a, async_op=True) for t, a in zip(tensors, ALGORITHMS)]
+    algorithms = [a for a in ALGORITHMS if a != "shm" or comm.backend == "mpi"]
+    tensors = [rank_tensor(comm.rank, 5000, torch.float64) for _ in algorithms]
+    handles = [comm.allreduce(t, algorithm=a, async_op=True) for t, a in zip(tensors, algorithms)]
     comm.barrier()  # a blocking call queues behind the async ones instead of overtaking them
     for handle, t in reversed(list(zip(handles, tensors))):
         assert handle.wait() is t
@@ -133,6 +157,71 @@ def test_async_reduce_scatter_and_allgather(comm):
     part = comm.reduce_scatter(t, algorithm="ring", async_op=True).wait()
     out = comm.allgather(part, algorithm="ring", async_op=True).wait()
     assert_matches(out, reference(comm.size, comm.size * 4, torch.float32, "sum"), torch.float32, comm.size)
+
+
+def test_shm_refused_elsewhere(comm):
+    if comm.backend == "mpi":
+        pytest.skip("the mpi backend runs algorithm 'shm' (the tests above)")
+    with pytest.raises(ValueError, match=f"algorithm 'shm' needs the mpi backend .*not '{comm.backend}'; use 'ring'"):
+        comm.allreduce(torch.ones(4), algorithm="shm")
+
+
+def test_shm_pieces_of_every_size(comm):
+    """Tensors of several shared-memory pieces, with a ragged last one, and pieces of other dtypes in between."""
+    if comm.backend != "mpi":
+        pytest.skip("algorithm 'shm' is for the mpi backend")
+    for numel, dtype in [(700_001, torch.float32), (3 * 131_072 + 5, torch.float64), (600_000, torch.bfloat16)]:
+        t = rank_tensor(comm.rank, numel, dtype)
+        comm.allreduce(t, algorithm="shm")
+        assert_matches(t, reference(comm.size, numel, dtype, "sum"), dtype, comm.size)
+    rows = comm.size * 300_001
+    part = comm.reduce_scatter(rank_tensor(comm.rank, rows, torch.float32), algorithm="shm")
+    expected = reference(comm.size, rows, torch.float32, "sum")[comm.rank * 300_001 : (comm.rank + 1) * 300_001]
+    assert_matches(part, expected, torch.float32, comm.size)
+
+
+def test_shm_wait_names_the_rank_that_never_arrives(comm):
+    """A rank missing from a shared-memory collective: the others raise CollectiveTimeout naming it, no hang."""
+    if comm.backend != "mpi" or comm.size == 1:
+        pytest.skip("algorithm 'shm' needs the mpi backend and a peer")
+    from distrib.comm.mpi import MPICommunicator
+
+    late = MPICommunicator(timeout=1)
+    for _ in range(VERIFY_CALLS):  # every rank: the window is set up and the cross-rank checks are spent
+        late.allreduce(torch.ones(8), algorithm="shm")
+    if comm.rank == 0:
+        missing = re.escape(str(list(range(1, comm.size))))
+        with pytest.raises(CollectiveTimeout, match=rf"shm allreduce: rank 0 waited 1 s for rank\(s\) {missing}"):
+            late.allreduce(torch.ones(8), algorithm="shm")
+    comm.barrier()
+    late.close()
+
+
+def test_shm_buffers_reused_by_pieces_of_every_size(comm):
+    """Tiny pieces, so buffers are reused many times by pieces of different layouts: wrong waits would race."""
+    if comm.backend != "mpi":
+        pytest.skip("algorithm 'shm' is for the mpi backend")
+    from distrib.comm.shm import SharedMemory
+
+    shared, rng, n = SharedMemory(comm._host, comm._until, piece_bytes=4096), random.Random(7), comm.size
+    for _ in range(30):
+        numel, dtype = rng.choice([1, 7, 1000, 3001]), rng.choice([torch.float64, torch.int32])
+        t = rank_tensor(comm.rank, numel * n, dtype)
+        expected = reference(n, numel * n, dtype, "sum")
+        kind = rng.choice(["allreduce", "reduce_scatter", "allgather"])
+        if kind == "allreduce":
+            shared.allreduce_(t, "sum")
+            assert_matches(t, expected, dtype, n)
+        elif kind == "reduce_scatter":
+            assert_matches(
+                shared.reduce_scatter_(t, "sum"), expected[comm.rank * numel : (comm.rank + 1) * numel], dtype, n
+            )
+        else:
+            shared.allgather_(t)  # every rank's chunk k comes from rank k
+            assert torch.equal(
+                t.view(n, numel), torch.stack([rank_tensor(k, numel * n, dtype).view(n, numel)[k] for k in range(n)])
+            )
+    shared.close()
 
 
 def test_objects(comm):
