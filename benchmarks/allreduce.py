@@ -1,0 +1,301 @@
+"""How fast is each allreduce? Every algorithm on every backend that runs here, timed like nccl-tests, checked.
+
+    python -m launch -n 4 -- python -m benchmarks.allreduce [--max-size 1G] [--dtypes float32 bfloat16]
+        [--json FILE] [--plot FILE.png]
+
+Under mpirun the MPI communicator and a gloo one (met through MPI) run side by side in one process, so both are
+measured in the same run; under torchrun, gloo or NCCL alone. Calls are separated by a barrier, each checked
+against the exact sum; a call's time is the slowest rank's. Columns as nccl-tests: algbw = bytes / time, busbw =
+algbw * 2(n-1)/n. vs_peer: the backend library's own allreduce called directly (mpi4py's Allreduce,
+torch.distributed.all_reduce), its time over this row's; of_copy: busbw over this host's memory-copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import socket
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+import distrib
+from benchmarks.common import human_bytes, machine, parse_bytes, print_table
+
+ALGORITHMS = ("naive", "ring", "native", "shm")
+PEER = "peer"  # the algorithm name of the library's own allreduce, called without distrib
+DTYPES = {name: getattr(torch, name) for name in ("float32", "float64", "float16", "bfloat16", "int32", "int64")}
+COPY_BYTES = 64 << 20  # far past any cache, so copies run at memory speed
+COLUMNS = {"backend": "", "algorithm": "", "size": "", "count": "d", "dtype": "", "time_us": ".1f"}
+COLUMNS |= {"min_us": ".1f", "max_us": ".1f", "algbw_gbps": ".2f", "busbw_gbps": ".2f", "vs_peer": ".2f"}
+COLUMNS |= {"of_copy": ".2f"}
+
+COLORS = {PEER: "black", "naive": "tab:blue", "ring": "tab:orange", "native": "tab:green", "shm": "tab:red"}
+LINES = {"mpi": "-", "gloo": "--", "nccl": "-."}  # plots: a color per algorithm, a line style per backend
+
+Call = Callable[[torch.Tensor], object]
+
+
+def communicators(backends: list[str]) -> dict[str, distrib.Communicator]:
+    """distrib.init()'s communicator first, then a torch.distributed one beside it when mpirun started us."""
+    main = distrib.init()
+    comms = {main.backend: main}
+    for backend in backends:
+        if backend in comms:
+            continue
+        if main.backend != "mpi" or backend not in ("gloo", "nccl") or len(comms) > 1:
+            raise SystemExit(
+                f"backend {backend!r} cannot run beside {', '.join(comms)}: under mpirun add gloo or nccl (one of "
+                f"them), under torchrun there is only the launcher's backend"
+            )
+        from distrib.comm.torch_dist import TorchCommunicator, rendezvous
+
+        local_rank = distrib.read_world().local_rank
+        comms[backend] = TorchCommunicator(backend, main.rank, main.size, store=rendezvous(main), local_rank=local_rank)
+    return comms
+
+
+def peer(comm: distrib.Communicator, dtype: torch.dtype) -> Call | None:
+    """The backend library's own allreduce, called directly (None where it has no such dtype, or no library)."""
+    if comm.backend == "local":
+        return None
+    if comm.backend == "mpi":
+        if dtype in (torch.float16, torch.bfloat16):
+            return None  # MPI has no 16-bit float types
+        from mpi4py import MPI
+
+        return lambda t: MPI.COMM_WORLD.Allreduce(MPI.IN_PLACE, t.numpy())
+    import torch.distributed as dist
+
+    return lambda t: dist.all_reduce(t)
+
+
+def subjects(comms: dict, backends: list[str], algorithms: list[str], dtype: torch.dtype) -> dict[tuple, Call]:
+    """(backend, algorithm) -> a call that reduces a tensor in place, for every pair that runs here."""
+    calls: dict[tuple, Call] = {}
+    for backend in backends:
+        comm = comms[backend]
+        if (call := peer(comm, dtype)) is not None:
+            calls[backend, PEER] = call
+        for algorithm in algorithms:
+            try:
+                comm._check_algorithm(algorithm)
+            except ValueError:
+                continue  # e.g. shm on gloo: not an algorithm this backend has
+            calls[backend, algorithm] = lambda t, comm=comm, algorithm=algorithm: comm.allreduce(t, algorithm=algorithm)
+    return calls
+
+
+def barrier(main: distrib.Communicator) -> Callable[[], object]:
+    """The barrier between timed calls: MPI's own where MPI runs. It spins, while distrib's waits give the core
+    away after a while, and on a busy host a rank that gave it away just before a timed call starts that late."""
+    if main.backend == "mpi":
+        from mpi4py import MPI
+
+        return MPI.COMM_WORLD.Barrier
+    return main.barrier
+
+
+def device_of(backend: str) -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def slowest(main: distrib.Communicator, times: dict) -> dict:
+    """Each timed call's time on the slowest rank."""
+    everyone = main.allgather_object(times)
+    return {key: [max(call) for call in zip(*(ranks[key] for ranks in everyone))] for key in times}
+
+
+def copy_bandwidth(main: distrib.Communicator, device: torch.device, ranks: int, repeats: int = 5) -> float:
+    """GB/s of memory read plus written while ranks 0 .. ranks-1 each copy COPY_BYTES at once (the others wait)."""
+    src = torch.ones(COPY_BYTES // 4, device=device)
+    dst = src.clone()
+    times, wait = [], barrier(main)
+    for _ in range(repeats):
+        wait()
+        start = time.perf_counter()
+        if main.rank < ranks:
+            dst.copy_(src)
+            sync(device)
+        times.append(time.perf_counter() - start)
+    return ranks * 2 * COPY_BYTES / statistics.median(slowest(main, {"copy": times})["copy"]) / 1e9
+
+
+def measure(main, calls: dict, nbytes: int, dtype: torch.dtype, warmup: int, iters: int) -> dict[tuple, list]:
+    """Seconds per call of every subject on the slowest rank; subjects take turns call by call, so noise hits all."""
+    n, rank, count = main.size, main.rank, nbytes // dtype.itemsize
+    total = n * (n + 1) // 2  # rank r contributes (r+1) * pattern, small integers every dtype sums exactly
+    exact = 3 * total <= (2 / torch.finfo(dtype).eps if dtype.is_floating_point else torch.iinfo(dtype).max)
+    data = {}
+    for device in {device_of(backend) for backend, _ in calls}:
+        pattern = (torch.arange(count, device=device) % 3 + 1).to(dtype)
+        data[device] = (pattern, pattern * total, torch.empty_like(pattern))
+    times: dict[tuple, list] = {key: [] for key in calls}
+    keys, wait = list(calls), barrier(main)
+    for i in range(warmup + iters):
+        for backend, algorithm in keys[i % len(keys) :] + keys[: i % len(keys)]:
+            device = device_of(backend)
+            pattern, expected, t = data[device]
+            torch.mul(pattern, rank + 1, out=t)
+            sync(device)
+            wait()
+            start = time.perf_counter()
+            calls[backend, algorithm](t)
+            sync(device)
+            elapsed = time.perf_counter() - start
+            ok = torch.equal(t, expected) if exact else torch.allclose(t, expected, rtol=n * torch.finfo(dtype).eps)
+            if not ok:
+                wrong = int((t != expected).nonzero()[0])
+                raise RuntimeError(
+                    f"{backend} {algorithm} allreduce of {count} {dtype} is wrong on rank {rank}: element {wrong} "
+                    f"is {t[wrong].item()}, expected {expected[wrong].item()}"
+                )
+            if i >= warmup:
+                times[backend, algorithm].append(elapsed)
+    return slowest(main, times)
+
+
+def rows(times: dict[tuple, list], nbytes: int, dtype: torch.dtype, n: int, limits: dict[str, float]) -> list[dict]:
+    """One row per subject: nccl-tests' columns, the ratio to its backend's peer, and to the copy bandwidth."""
+    out = []
+    for (backend, algorithm), seconds in times.items():
+        median = statistics.median(seconds)
+        algbw = nbytes / median / 1e9
+        busbw = algbw * 2 * (n - 1) / n
+        row = {"backend": backend, "algorithm": algorithm, "ranks": n, "bytes": nbytes, "size": human_bytes(nbytes)}
+        row |= {"count": nbytes // dtype.itemsize, "dtype": str(dtype).removeprefix("torch."), "time_us": median * 1e6}
+        row |= {"min_us": min(seconds) * 1e6, "max_us": max(seconds) * 1e6, "calls": len(seconds)}
+        row |= {"algbw_gbps": algbw, "busbw_gbps": busbw, "of_copy": busbw / limits[device_of(backend).type]}
+        if (backend, PEER) in times:
+            row["vs_peer"] = statistics.median(times[backend, PEER]) / median
+        out.append(row)
+    return out
+
+
+def plot(rows: list[dict], limits: dict[str, float], title: str, path: Path) -> None:
+    """busbw against size, one line per backend and algorithm, log-log, with the copy bandwidth drawn across."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for dtype in dict.fromkeys(r["dtype"] for r in rows):
+        for backend, algorithm in dict.fromkeys((r["backend"], r["algorithm"]) for r in rows):
+            mine = [r for r in rows if (r["backend"], r["algorithm"], r["dtype"]) == (backend, algorithm, dtype)]
+            label = f"{backend} {algorithm}" + (f" {dtype}" if dtype != "float32" else "")
+            style = {"color": COLORS[algorithm], "linestyle": LINES.get(backend, ":"), "marker": "o", "label": label}
+            ax.loglog([r["bytes"] for r in mine], [r["busbw_gbps"] for r in mine], **style)
+    for device, gbps in limits.items():
+        ax.axhline(gbps, linestyle="--", color="gray", label=f"{device} memory copy (read+write)")
+    sizes = sorted({r["bytes"] for r in rows})
+    ax.set_xticks(sizes, [human_bytes(s) for s in sizes])
+    ax.set(xlabel="bytes per rank", ylabel="busbw (GB/s), median", title=title)
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=parse_bytes, nargs="+", help="bytes per rank (default: 4K, 16K ... max)")
+    parser.add_argument("--max-size", type=parse_bytes, default=256 << 20, help="largest of the default sizes")
+    parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=["float32"])
+    parser.add_argument("--backends", nargs="+", help="default: the launcher's, plus gloo (nccl on GPUs) under mpirun")
+    parser.add_argument("--algorithms", nargs="+", choices=ALGORITHMS, default=list(ALGORITHMS))
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls per subject and size")
+    parser.add_argument("--iters", type=int, default=10, help="timed calls (more for small sizes, up to 20x)")
+    parser.add_argument("--json", type=Path, help="write every row and the settings here")
+    parser.add_argument("--plot", type=Path, help="draw busbw against size here (PNG)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if args.warmup < 1 or args.iters < 1:
+        raise SystemExit(f"--warmup and --iters must be at least 1, got {args.warmup} and {args.iters}")
+    sizes = args.sizes or [4 << (2 * k) << 10 for k in range(16) if 4 << (2 * k) << 10 <= args.max_size]
+    world = distrib.read_world()
+    backends = args.backends or (["mpi", "nccl" if torch.cuda.is_available() else "gloo"] if world.is_mpi else [])
+    comms = communicators(backends)
+    main = next(iter(comms.values()))
+    backends = backends or [main.backend]
+    n, info = main.size, machine()
+    hosts = main.allgather_object(socket.gethostname())
+    local = hosts.count(hosts[main.rank])
+    if "OMP_NUM_THREADS" not in os.environ:  # ranks on one host share its cores
+        torch.set_num_threads(max(1, info["cores"] // local))
+    info["threads"] = torch.get_num_threads()
+    if "mpi" in comms:
+        from mpi4py import MPI
+
+        info["mpi"] = " ".join(MPI.Get_library_version().split()[:3])  # e.g. "MPICH Version: 5.0.2"
+    limits = {"cpu": copy_bandwidth(main, torch.device("cpu"), local)}
+    alone = copy_bandwidth(main, torch.device("cpu"), 1)
+    if "nccl" in backends:
+        limits["cuda"] = copy_bandwidth(main, device_of("nccl"), n)
+    say = print if main.rank == 0 else (lambda *a, **k: None)
+    stamp = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    command = shlex.join(["python", "-m", "benchmarks.allreduce", *(sys.argv[1:] if argv is None else argv)])
+    say(f"allreduce benchmark {stamp}: {n} ranks on {len(set(hosts))} host(s); {info['cpu']}, {info['cores']} cores")
+    say(f"  torch {info['torch']}, {info['threads']} thread(s) per rank; {info.get('mpi') or 'no MPI'}")
+    say(
+        f"  memory copy (of_copy's limit): {limits['cpu']:.1f} GB/s read+written by {local} ranks copying at once, "
+        f"{alone:.1f} GB/s by one rank alone"
+    )
+    say(f"  {PEER}: each library's own allreduce called directly (mpi4py Allreduce, torch.distributed.all_reduce)")
+    oversubscribed = local > info["cores"]
+    if oversubscribed:
+        say(f"  note: {local} ranks on {info['cores']} cores is oversubscribed: ranks take turns on the cores")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    if load is not None:
+        say(f"  load average at start: {load:.1f} (runnable processes; above the core count, others share the cores)")
+    table = []
+    for name in args.dtypes:
+        dtype = DTYPES[name]
+        calls = subjects(comms, backends, args.algorithms, dtype)
+        for nbytes in sizes:
+            if nbytes < dtype.itemsize:
+                continue
+            iters = max(args.iters, min(20 * args.iters, (16 << 20) // nbytes))
+            size_rows = rows(measure(main, calls, nbytes, dtype, args.warmup, iters), nbytes, dtype, n, limits)
+            if main.rank == 0:
+                print_table(f"{human_bytes(nbytes)} {name}, {iters} timed calls", size_rows, COLUMNS)
+            table += size_rows
+    order = [PEER, *ALGORITHMS]
+    table.sort(key=lambda r: (r["dtype"], backends.index(r["backend"]), order.index(r["algorithm"]), r["bytes"]))
+    if main.rank != 0:
+        return
+    print_table(f"all rows, {n} ranks (times in us, bandwidths in GB/s)", table, COLUMNS)
+    result = {"date": stamp, "command": command, "ranks": n, "hosts": len(set(hosts)), "machine": info}
+    result |= {"copy_gbps": limits, "copy_one_rank_gbps": alone, "oversubscribed": oversubscribed}
+    result |= {"load_average": {"start": load, "end": os.getloadavg()[0] if load is not None else None}}
+    result |= {"settings": {"warmup": args.warmup, "iters": args.iters, "sizes": sizes}, "rows": table}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(
+            table, limits, f"allreduce busbw, {n} ranks, {info['cpu']} ({info['cores']} cores), {stamp[:10]}", args.plot
+        )
+        print(f"wrote {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

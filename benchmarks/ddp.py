@@ -1,0 +1,237 @@
+"""How fast is distrib's DDP? Training steps of a 21M-parameter MLP against torch's DDP over gloo, at 1, 2, 4 ranks.
+
+python -m benchmarks.ddp [--ranks 1 2 4] [--json FILE] [--plot FILE.png]   (drives one mpiexec job per world size)
+mpiexec -n N python -m benchmarks.ddp --worker ROWS.json                   (one world size; torchrun works too,
+                                                                            without the mpi rows)
+Every implementation trains its own copy of the model from the same start; they take turns round by round (a fresh
+model each round, the order rotating) so background load hits all alike. A step's time is the slowest rank's.
+Where the time goes: "no communication" (the plain module) is the compute; step minus compute is the exposed
+communication; allreduce_ms is one allreduce of all 84 MB of gradients alone, the communication to hide.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+RESULTS = Path(__file__).parent / "results"
+WIDTHS = (1024, 2048, 2048, 2048, 2048, 2048, 1024)  # 21.0M parameters
+GLOBAL_BATCH = 256  # fixed, split over the ranks (strong scaling), as in the issue's measurement
+PLAIN, TORCH = "no communication", "torch DDP gloo"
+COLUMNS = {"ranks": "d", "impl": "", "median_ms": ".1f", "min_ms": ".1f", "max_ms": ".1f", "samples_per_s": ".0f"}
+COLUMNS |= {"efficiency": ".2f", "vs_torch": ".2f", "exposed_comm_ms": ".1f", "allreduce_ms": ".1f"}
+
+
+def mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    layers = [m for a, b in zip(WIDTHS, WIDTHS[1:]) for m in (nn.Linear(a, b), nn.ReLU())]
+    return nn.Sequential(*layers[:-1])
+
+
+def communicators() -> dict:
+    """distrib's communicators by backend: mpi and gloo (the default group) under mpiexec, gloo under torchrun."""
+    import distrib
+    from distrib.comm.torch_dist import TorchCommunicator
+
+    comm = distrib.init_process_group()  # under mpiexec: MPI for distrib, and gloo as torch's default group
+    if comm.backend == "mpi":
+        return {"mpi": comm, "gloo": TorchCommunicator("gloo", comm.rank, comm.size, timeout=comm.timeout)}
+    return {comm.backend: comm}
+
+
+def wrappers(comms: dict) -> dict:
+    """Each implementation: a function that wraps a fresh model for it."""
+    import distrib
+
+    made = {PLAIN: lambda m: m, TORCH: torch.nn.parallel.DistributedDataParallel}
+    for backend, comm in comms.items():
+        for algorithm in distrib.ALGORITHMS:
+            try:
+                comm._check_algorithm(algorithm)
+            except ValueError:
+                continue  # an algorithm this backend lacks
+            made[f"distrib {backend} {algorithm}"] = lambda m, c=comm, a=algorithm: distrib.DistributedDataParallel(
+                m, comm=c, algorithm=a
+            )
+    return made
+
+
+def allreduce_ms(comm, algorithm: str | None, numel: int, repeats: int) -> float:
+    """Median time of one allreduce of `numel` floats, alone."""
+    t = torch.ones(numel)
+    times = []
+    for _ in range(repeats + 1):
+        comm.barrier()
+        start = time.perf_counter()
+        comm.allreduce(t, algorithm=algorithm)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:]) * 1e3
+
+
+def worker(out: Path, rounds: int, steps: int, only: list[str] | None) -> None:
+    """One rank: every implementation trains `steps` timed steps (after one untimed) per round, taking turns."""
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    comms = communicators()
+    comm = next(iter(comms.values()))
+    wrap = {impl: f for impl, f in wrappers(comms).items() if impl in (PLAIN, TORCH) or not only or impl in only}
+    batch = GLOBAL_BATCH // comm.size
+    x, y = torch.randn(batch, WIDTHS[0]), torch.randn(batch, WIDTHS[-1])
+    times: dict[str, list[float]] = {impl: [] for impl in wrap}
+    for r in range(rounds):
+        names = list(wrap)
+        for impl in names[r % len(names) :] + names[: r % len(names)]:
+            model = wrap[impl](mlp())
+            optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+            for s in range(steps + 1):
+                comm.barrier()
+                start = time.perf_counter()
+                F.mse_loss(model(x), y).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                took = comm.allreduce(torch.tensor([time.perf_counter() - start]), op="max")
+                if s:
+                    times[impl].append(float(took))
+            del model, optimizer
+            gc.collect()  # torch's DDP sits in reference cycles: freed at exit, after its group, gloo aborts
+    params = sum(p.numel() for p in mlp().parameters())
+    alone = {TORCH: allreduce_ms(comms["gloo"], "native", params, steps)}
+    for impl in wrap:
+        if impl.startswith("distrib"):
+            _, backend, algorithm = impl.split()
+            alone[impl] = allreduce_ms(comms[backend], algorithm, params, steps)
+    compute = statistics.median(times[PLAIN])
+    rows = []
+    for impl, samples in times.items():
+        median = statistics.median(samples)
+        rows.append(
+            {
+                "ranks": comm.size,
+                "impl": impl,
+                "params": params,
+                "batch_per_rank": batch,
+                "median_ms": median * 1e3,
+                "min_ms": min(samples) * 1e3,
+                "max_ms": max(samples) * 1e3,
+                "samples_per_s": GLOBAL_BATCH / median,
+                "exposed_comm_ms": (median - compute) * 1e3,
+                "allreduce_ms": alone.get(impl),
+            }
+        )
+    if comm.rank == 0:
+        out.write_text(json.dumps(rows))
+    comm.barrier()  # nobody tears its connections down while a peer still uses them
+
+
+def drive(ranks: list[int], rounds: int, steps: int, threads: int, only: list[str] | None) -> list[dict]:
+    """Rows for every world size, each one mpiexec job; adds scaling efficiency and the ratio to torch's DDP."""
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    rows: list[dict] = []
+    for n in ranks:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "rows.json"
+            cmd = [
+                str(mpiexec) if mpiexec.exists() else "mpiexec",
+                "-n",
+                str(n),
+                sys.executable,
+                "-m",
+                "benchmarks.ddp",
+            ]
+            cmd += ["--worker", str(out), "--rounds", str(rounds), "--steps", str(steps)]
+            cmd += ["--impls", *only] if only else []
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+            subprocess.run(cmd, check=True, cwd=Path(__file__).parent.parent, env=env, timeout=3600)
+            rows += json.loads(out.read_text())
+    for row in rows:
+        same = {r["ranks"]: r for r in rows if r["impl"] == row["impl"]}
+        torch_ddp = next(r for r in rows if r["impl"] == TORCH and r["ranks"] == row["ranks"])
+        row["vs_torch"] = row["median_ms"] / torch_ddp["median_ms"]
+        one = same.get(1)
+        row["efficiency"] = row["samples_per_s"] / (row["ranks"] * one["samples_per_s"]) if one else None
+    return rows
+
+
+def print_table(title: str, rows: list[dict], columns: dict[str, str]) -> None:
+    print(f"\n{title}")
+    lines = [list(columns)] + [["-" if r[c] is None else format(r[c], f) for c, f in columns.items()] for r in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(columns))]
+    for line in lines:
+        print("  ".join(cell.rjust(width) for cell, width in zip(line, widths)))
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Step time (median, min-max) against the world size per implementation, and the ratio to torch's DDP."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_ms, ax_ratio) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for impl in dict.fromkeys(r["impl"] for r in rows):
+        mine = [r for r in rows if r["impl"] == impl]
+        ranks, median = [r["ranks"] for r in mine], [r["median_ms"] for r in mine]
+        spread = [[m - r["min_ms"] for m, r in zip(median, mine)], [r["max_ms"] - m for m, r in zip(median, mine)]]
+        style = "--" if impl in (PLAIN, TORCH) else "-"
+        ax_ms.errorbar(ranks, median, yerr=spread, marker="o", capsize=3, linestyle=style, label=impl)
+        ax_ratio.plot(ranks, [r["vs_torch"] for r in mine], marker="o", linestyle=style, label=impl)
+    ax_ms.set(xlabel="ranks", ylabel="training step (ms), median and min-max", title=f"MLP {WIDTHS}")
+    ax_ratio.set(xlabel="ranks", ylabel="step time / torch DDP's", title=f"global batch {GLOBAL_BATCH}")
+    for ax in (ax_ms, ax_ratio):
+        ax.set_xticks(sorted({r["ranks"] for r in rows}))
+        ax.legend(fontsize=7)
+    fig.suptitle(f"torch {torch.__version__}, {os.cpu_count()} logical CPUs shared by all ranks")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4], help="world sizes")
+    parser.add_argument("--rounds", type=int, default=5, help="turns each implementation takes, a fresh model each")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per round (after one untimed)")
+    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS per rank")
+    parser.add_argument("--json", type=Path, default=RESULTS / "ddp.json", help="all rows")
+    parser.add_argument("--plot", type=Path, default=RESULTS / "ddp.png", help="PNG figure")
+    parser.add_argument(
+        "--impls", nargs="+", help="only these distrib rows, e.g. 'distrib mpi ring' (and the baselines)"
+    )
+    parser.add_argument("--worker", type=Path, help="run one world size under a launcher, rows to this file")
+    args = parser.parse_args(argv)
+    if min(args.ranks) < 1 or args.rounds < 1 or args.steps < 1 or args.threads < 1:
+        parser.error("--ranks, --rounds, --steps and --threads must all be >= 1")
+    if args.worker:
+        worker(args.worker, args.rounds, args.steps, args.impls)
+        return
+    rows = drive(args.ranks, args.rounds, args.steps, args.threads, args.impls)
+    title = (
+        f"Training step of MLP {WIDTHS} ({rows[0]['params']:,} parameters), global batch {GLOBAL_BATCH}, "
+        f"{args.threads} thread(s) per rank, {args.rounds * args.steps} timed steps (slowest rank)"
+    )
+    print_table(title, rows, COLUMNS)
+    settings = {"ranks": args.ranks, "rounds": args.rounds, "steps": args.steps, "threads": args.threads}
+    settings |= {"widths": WIDTHS, "global_batch": GLOBAL_BATCH, "optimizer": "SGD"}
+    machine = {"cpu": platform.processor() or platform.machine(), "logical_cpus": os.cpu_count()}
+    machine |= {"torch": torch.__version__, "python": platform.python_version()}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"machine": machine, "settings": settings, "rows": rows}, indent=1) + "\n")
+    plot(rows, args.plot)
+    print(f"\nwrote {args.json} and {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

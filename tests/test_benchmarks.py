@@ -1,0 +1,106 @@
+"""The allreduce benchmark runs at 2 ranks and writes well-formed, self-consistent rows; the cost model recovers
+known latency and bandwidth from synthetic timings."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+
+import pytest
+
+from benchmarks import model
+from benchmarks.common import human_bytes, parse_bytes
+from tests.launching import run, run_ranks
+
+
+def test_allreduce_benchmark_at_two_ranks(tmp_path):
+    out, png = tmp_path / "rows.json", tmp_path / "busbw.png"
+    args = ["-m", "benchmarks.allreduce", "--sizes", "4K", "1M", "--iters", "10", "--warmup", "1"]
+    result = run_ranks("mpiexec", 2, [*args, "--json", str(out), "--plot", str(png)], timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "memory copy" in result.stdout and "GB/s" in result.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(out.read_text())
+    rows, copy = data["rows"], data["copy_gbps"]["cpu"]
+    assert data["ranks"] == 2 and copy > 0 and data["command"].startswith("python -m benchmarks.allreduce")
+    mpi = ["peer", "naive", "ring", "native", "shm"]  # shm is MPI's alone; gloo's peer is its own all_reduce
+    expected = {("mpi", a, s) for a in mpi for s in (4096, 1 << 20)}
+    expected |= {("gloo", a, s) for a in mpi[:-1] for s in (4096, 1 << 20)}
+    assert {(r["backend"], r["algorithm"], r["bytes"]) for r in rows} == expected
+    peers = {(r["backend"], r["bytes"]): r["time_us"] for r in rows if r["algorithm"] == "peer"}
+    for r in rows:
+        assert r["ranks"] == 2 and r["dtype"] == "float32" and r["count"] * 4 == r["bytes"], r
+        assert r["calls"] >= 10 and 0 < r["min_us"] <= r["time_us"] <= r["max_us"], r
+        assert r["algbw_gbps"] == pytest.approx(r["bytes"] / r["time_us"] / 1e3), r
+        assert r["busbw_gbps"] == pytest.approx(r["algbw_gbps"]), r  # 2(n-1)/n = 1 at two ranks
+        assert r["vs_peer"] == pytest.approx(peers[r["backend"], r["bytes"]] / r["time_us"]), r
+        assert r["of_copy"] == pytest.approx(r["busbw_gbps"] / copy), r
+
+
+def test_allreduce_benchmark_refuses_bad_arguments():
+    result = run([sys.executable, "-m", "benchmarks.allreduce", "--sizes", "4K", "--iters", "0"], timeout=120)
+    assert result.returncode != 0
+    assert "--warmup and --iters must be at least 1, got 2 and 0" in result.stderr
+
+
+@pytest.mark.parametrize("text,value", [("4096", 4096), ("4K", 4096), ("256M", 256 << 20), ("1GiB", 1 << 30)])
+def test_sizes_read_and_written(text, value):
+    assert parse_bytes(text) == value
+    assert parse_bytes(human_bytes(value)) == value
+
+
+@pytest.mark.parametrize("text", ["0", "4X", "", "1.5"])
+def test_bad_sizes_are_named(text):
+    with pytest.raises(argparse.ArgumentTypeError, match=repr(text)):
+        parse_bytes(text)
+
+
+def _points(shape: str, alpha: float, beta: float, noise: float = 0.0) -> list[tuple[int, int, float]]:
+    rng = random.Random(0)
+    points = []
+    for n in (2, 4, 8):
+        for nbytes in (4 << 10, 64 << 10, 1 << 20, 16 << 20, 256 << 20):
+            a, b = model.SHAPES[shape](n)
+            points.append((n, nbytes, (a * alpha + b * nbytes * beta) * (1 + noise * rng.uniform(-1, 1))))
+    return points
+
+
+@pytest.mark.parametrize("shape", ["naive", "ring", "halving-doubling", "shm"])
+def test_fit_recovers_latency_and_bandwidth(shape):
+    alpha, beta = 7e-6, 1 / 3e9
+    exact = model.fit(shape, _points(shape, alpha, beta))
+    assert exact.alpha == pytest.approx(alpha, rel=1e-9) and exact.beta == pytest.approx(beta, rel=1e-9)
+    assert exact.max_error < 1e-9 and exact.points == 15
+    noisy = model.fit(shape, _points(shape, alpha, beta, noise=0.05))
+    assert noisy.alpha == pytest.approx(alpha, rel=0.1) and noisy.beta == pytest.approx(beta, rel=0.1)
+    assert 0.001 < noisy.median_error <= noisy.max_error < 0.1
+
+
+def test_crossover_is_where_the_predictions_meet():
+    alpha, beta = 2e-6, 1 / 12.5e9
+    fits = model.network_fits(alpha, 1 / beta)
+    at = model.crossover(fits["recursive doubling"], fits["ring"], 64)
+    assert at == pytest.approx(alpha * (2 * 63 - 6) / (beta * (6 - 2 * 63 / 64)))
+    assert fits["recursive doubling"].time(64, at) == pytest.approx(fits["ring"].time(64, at))
+    assert fits["recursive doubling"].time(64, at / 2) < fits["ring"].time(64, at / 2)
+    assert model.crossover(fits["naive"], fits["ring"], 64) is None  # same latency term, ring always ahead
+
+
+def test_model_reads_benchmark_rows(tmp_path, capsys):
+    """Rows as benchmarks.allreduce writes them: the fit, naive's growth with the world size, the predictions."""
+    rows = []
+    for algorithm in ("naive", "ring"):
+        for n, nbytes, seconds in _points(algorithm, 20e-6, 1 / 2e9):
+            rows.append({"backend": "mpi", "algorithm": algorithm, "ranks": n, "bytes": nbytes, "dtype": "float32"})
+            rows[-1]["time_us"] = seconds * 1e6
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps({"rows": rows}))
+    fits = model.fits_of(rows)
+    assert fits["mpi", "naive"].alpha == pytest.approx(20e-6) and fits["mpi", "ring"].beta == pytest.approx(5e-10)
+    growth = [r for r in model.scaling(rows, fits, [256 << 20]) if r["algorithm"] == "naive"]
+    assert growth[0]["measured"] == pytest.approx(growth[0]["model"]) == pytest.approx(7.0, rel=0.01)  # 2*7 / 2*1
+    model.main([str(path), "--ranks", "8", "4096"])
+    text = capsys.readouterr().out
+    assert "predicted ms on 100 Gb InfiniBand" in text and "4096 ranks: recursive doubling beats ring below" in text
