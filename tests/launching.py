@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,3 +36,13 @@ def run(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> su
 
 def run_ranks(launcher: str, n: int, args: list[str], timeout: float, env: dict[str, str] | None = None):
     return run(launcher_command(launcher, n, args), timeout, env)
+
+
+def run_rank_suite(launcher: str, backend: str, ranks: int, suite: str, timeout: float = 240) -> None:
+    """Run the pytest suite `suite` (under tests/ranks) on `ranks` ranks; every rank must pass all of it."""
+    env = {"DISTRIB_RANK_SUITE": "1", "DISTRIB_TEST_BACKEND": backend}
+    result = run_ranks(launcher, ranks, ["-m", "pytest", "-q", "-p", "no:cacheprovider", suite], timeout, env)
+    # Ranks print at once, so summaries can share a line: find each one's "N passed[, M skipped] in S s".
+    summaries = re.findall(r"(\d+ passed(?:, \d+ \w+)* in [\d.]+s)", result.stdout)
+    assert result.returncode == 0 and len(summaries) == ranks, result.stdout[-4000:] + result.stderr[-4000:]
+    assert all("failed" not in s and "error" not in s for s in summaries), summaries

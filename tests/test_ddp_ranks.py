@@ -3,13 +3,12 @@ same weights; and tests/ranks/test_ddp.py at two world sizes, each launch with a
 
 from __future__ import annotations
 
-import re
 import sys
 
 import pytest
 import torch
 
-from tests.launching import run, run_ranks
+from tests.launching import run, run_rank_suite, run_ranks
 
 TRAIN = "tests/scripts/ddp_train.py"
 
@@ -42,12 +41,7 @@ def test_same_weights_as_torch_ddp(tmp_path, launcher, backend, algorithms):
 
 @pytest.mark.parametrize("launcher,backend,ranks", [("mpiexec", "mpi", 3), ("mpiexec", "gloo", 2)])
 def test_rank_suite(launcher, backend, ranks):
-    env = {"DISTRIB_RANK_SUITE": "1", "DISTRIB_TEST_BACKEND": backend}
-    args = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/ranks/test_ddp.py"]
-    result = run_ranks(launcher, ranks, args, timeout=240, env=env)
-    summaries = re.findall(r"(\d+ passed(?:, \d+ \w+)* in [\d.]+s)", result.stdout)
-    assert result.returncode == 0 and len(summaries) == ranks, result.stdout[-4000:] + result.stderr[-4000:]
-    assert all("failed" not in s and "error" not in s for s in summaries), summaries
+    run_rank_suite(launcher, backend, ranks, "tests/ranks/test_ddp.py", timeout=240)
 
 
 def test_init_process_group_alone_starts_torch_default_group():

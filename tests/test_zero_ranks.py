@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import re
-
 import pytest
 
-from tests.launching import run_ranks
+from tests.launching import run_rank_suite
 
 RUNS = [
     ("mpiexec", "mpi", 1),
@@ -18,9 +16,4 @@ RUNS = [
 
 @pytest.mark.parametrize("launcher,backend,ranks", RUNS, ids=lambda x: str(x))
 def test_zero_rank_suite(launcher, backend, ranks):
-    env = {"DISTRIB_RANK_SUITE": "1", "DISTRIB_TEST_BACKEND": backend}
-    args = ["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/ranks/test_zero.py"]
-    result = run_ranks(launcher, ranks, args, timeout=240, env=env)
-    summaries = re.findall(r"(\d+ passed(?:, \d+ \w+)* in [\d.]+s)", result.stdout)
-    assert result.returncode == 0 and len(summaries) == ranks, result.stdout[-4000:] + result.stderr[-4000:]
-    assert all("failed" not in s and "error" not in s for s in summaries), summaries
+    run_rank_suite(launcher, backend, ranks, "tests/ranks/test_zero.py", timeout=240)
