@@ -51,3 +51,8 @@ class Task(Protocol):
     def evaluate(self, models: Models, batch: Batch) -> dict[str, float]:
         """Validation sums over a batch (e.g. loss, correct) plus "count"; the loop adds them over ranks."""
         ...
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper, for a phase that uses another phase's model without training it."""
+    return getattr(model, "module", model)

@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from distrib.comm import Communicator
-from distrib.tasks.base import Batch, Models
+from distrib.tasks.base import Batch, Models, unwrap
 
 
 def ring(n: int, gen: torch.Generator, modes: int = 8, radius: float = 2.0, std: float = 0.05) -> torch.Tensor:
@@ -80,7 +80,7 @@ class GAN:
         real, noise = batch
         if phase == "discriminator":
             with torch.no_grad():  # fakes are inputs here: the generator is neither trained nor synchronised
-                fake = _module(models["generator"])(noise)
+                fake = unwrap(models["generator"])(noise)
             real = real.detach().requires_grad_(True)
             logits = models["discriminator"](torch.cat([real, fake])).view(2, -1).T  # [real, fake] per sample
             # R1 (Mescheder et al., 2018): the discriminator's slope at real points, a penalty that keeps it
@@ -88,7 +88,7 @@ class GAN:
             # the parameters' gradients arrive once, in the loop's backward, second-order terms included.
             (slope,) = torch.autograd.grad(logits[:, 0].sum(), real, create_graph=True)
             return torch.cat([logits, slope.pow(2).sum(1, keepdim=True)], dim=1)
-        discriminator = _module(models["discriminator"])
+        discriminator = unwrap(models["discriminator"])
         # The generator's loss goes through the discriminator, whose parameters must stay out of that graph:
         # their gradients would be wasted work, and would fire its DDP hooks outside its own phase.
         discriminator.requires_grad_(False)
@@ -118,8 +118,3 @@ class GAN:
         cross = torch.cdist(fake, self._reference.double()).mean(1)
         energy = 2 * cross - (fake[:, None] - partners).norm(dim=2).mean(1) - self._spread
         return {"energy_distance": float(energy.sum()), "count": float(len(energy))}
-
-
-def _module(model: nn.Module) -> nn.Module:
-    """The model inside a DDP wrapper, for a phase that uses another phase's model without training it."""
-    return getattr(model, "module", model)

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from distrib.comm import Communicator
 from distrib.data import split
 from distrib.tasks import cartpole
-from distrib.tasks.base import Batch, Models
+from distrib.tasks.base import Batch, Models, unwrap
 
 # Columns of a transition row in the memory.
 STATE, ACTION, LOGP, RETURN, TIME = slice(0, 4), 4, 5, 6, 7
@@ -69,7 +69,7 @@ class ReinforcementLearning:
         if epoch == self._epoch:  # the same call gives the same data (train.py sizes its schedule on epoch 0)
             return self._data
         start, stop = split(self.episodes, comm.rank, comm.size)
-        mine = play(_module(models["policy"]), [(self.seed, 0, epoch, e) for e in range(start, stop)], greedy=False)
+        mine = play(unwrap(models["policy"]), [(self.seed, 0, epoch, e) for e in range(start, stop)], greedy=False)
         rows = [_transitions(e, self.gamma) for everyone in comm.allgather_object(mine) for e in everyone]
         fresh = np.concatenate(rows)
         memory = fresh if self.on_policy else np.concatenate([self._memory, fresh])
@@ -106,7 +106,7 @@ class ReinforcementLearning:
 
     def evaluate(self, models: Models, batch: Batch) -> dict[str, float]:
         seeds = [(self.seed, 1, int(e)) for e in batch[0]]  # never a training episode's seed
-        returns = [len(e) for e in play(_module(models["policy"]), seeds, greedy=True)]
+        returns = [len(e) for e in play(unwrap(models["policy"]), seeds, greedy=True)]
         return {"return": float(sum(returns)), "count": float(len(returns))}
 
 
@@ -159,11 +159,6 @@ def _advantages(memory: np.ndarray, picked: np.ndarray) -> np.ndarray:
     baseline = np.bincount(time, memory[:, RETURN], minlength=cartpole.MAX_STEPS) / np.maximum(counts, 1)
     spread = (memory[:, RETURN] - baseline[time]).std() + 1e-8
     return (picked[:, RETURN] - baseline[picked[:, TIME].astype(np.int64)]) / spread
-
-
-def _module(model: nn.Module) -> nn.Module:
-    """The model inside a DDP wrapper: acting needs no gradients, so no wrapper's bookkeeping either."""
-    return getattr(model, "module", model)
 
 
 def on_policy(seed: int = 0) -> ReinforcementLearning:
