@@ -42,7 +42,7 @@ def test_trace_shows_bucket_allreduces_overlapping_backward(tmp_path):
     for rank in (0, 1):
         backward = [e for e in events if e["pid"] == rank and e["name"] == "backward"]
         buckets = [e for e in events if e["pid"] == rank and e["name"] == "allreduce" and e["tid"] != "MainThread"]
-        assert len(backward) == 3 and len(buckets) >= 6, (len(backward), len(buckets))  # 6 layers, 0.25 MiB buckets
+        assert len(backward) == 3 and len(buckets) >= 6, (len(backward), len(buckets))  # 6 layers, 1 MiB each
         for b in backward:
             end = b["ts"] + b["dur"]
             inside = [a for a in buckets if b["ts"] <= a["ts"] < end]

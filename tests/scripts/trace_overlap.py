@@ -10,10 +10,10 @@ from distrib.tracing import span
 
 comm = distrib.init()
 torch.manual_seed(0)
-layers = [nn.Linear(256, 256) for _ in range(6)]
-model = distrib.DistributedDataParallel(nn.Sequential(*layers), comm=comm, bucket_cap_mb=0.25, algorithm="ring")
+layers = [nn.Linear(512, 512) for _ in range(6)]  # backward takes tens of ms: time for buckets to overlap
+model = distrib.DistributedDataParallel(nn.Sequential(*layers), comm=comm, bucket_cap_mb=1, algorithm="ring")
 with distrib.trace(sys.argv[1], comm):
     for _ in range(3):
-        loss = model(torch.randn(64, 256)).square().mean()
+        loss = model(torch.randn(2048, 512)).square().mean()
         with span("backward"):
             loss.backward()
