@@ -6,6 +6,7 @@ ready, and a callback queued on autograd's engine waits for the buckets at the e
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
@@ -96,8 +97,13 @@ class DistributedDataParallel(nn.Module):
         self._expect_grads = False  # set by a forward that needs its backward synchronised
         self._callback_queued, self._task = False, -1
         self._used_since_sync: set[int] = set()  # gradients accumulated in no_sync() steps count as produced
-        for i, p in enumerate(self._params):
-            p.register_post_accumulate_grad_hook(partial(self._on_grad, i))
+        # The hooks hold the wrapper weakly: a parameter's hooks live in C++, where the garbage collector cannot
+        # see a cycle back to the wrapper, which would then never be freed (nor its buckets).
+        handles = [
+            p.register_post_accumulate_grad_hook(partial(_hook, weakref.ref(self), i))
+            for i, p in enumerate(self._params)
+        ]
+        weakref.finalize(self, _remove, handles)
 
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
         if self.device is not None:
@@ -153,6 +159,17 @@ class DistributedDataParallel(nn.Module):
                 f"rank: {listed}{more}. Use the same parameters on every rank, or pass "
                 "find_unused_parameters=True so unused ones count as zero gradients"
             )
+
+
+def _hook(ddp: weakref.ref, i: int, param: torch.Tensor) -> None:
+    wrapper = ddp()
+    if wrapper is not None:
+        wrapper._on_grad(i, param)
+
+
+def _remove(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
 
 
 def _communicator(comm: Communicator | None, process_group: Any) -> Communicator:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -65,6 +67,17 @@ def test_state_dict_train_and_eval_as_torch_ddp(comm):
     assert not module.training and not module[1].training
     ddp.train()
     assert module[1].training
+
+
+def test_wrapper_is_freed_with_its_buckets(comm):
+    module = mlp()
+    ddp = DistributedDataParallel(module, comm=comm, bucket_cap_mb=1e-4)
+    ddp(torch.randn(4, 6)).sum().backward()
+    wrapper, first_bucket = weakref.ref(ddp), weakref.ref(ddp.reducer.buckets[0].flat)
+    del ddp
+    gc.collect()
+    assert wrapper() is None and first_bucket() is None, "the gradient hooks must not keep the wrapper alive"
+    module(torch.randn(4, 6)).sum().backward()  # the module trains on alone, without the wrapper's hooks
 
 
 def test_no_sync_communicates_nothing(comm, monkeypatch):
