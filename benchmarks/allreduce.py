@@ -93,14 +93,15 @@ def subjects(comms: dict, backends: list[str], algorithms: list[str], dtype: tor
     return calls
 
 
-def barrier(main: distrib.Communicator) -> Callable[[], object]:
-    """The barrier between timed calls: MPI's own where MPI runs. It spins, while distrib's waits give the core
-    away after a while, and on a busy host a rank that gave it away just before a timed call starts that late."""
-    if main.backend == "mpi":
+def barrier(comm: distrib.Communicator) -> Callable[[], object]:
+    """The barrier between a backend's timed calls. MPI's own spins: distrib's waits give the core away after a
+    while, and on a busy host a rank that gave it away just before a timed call starts that late. The others
+    block: a spinning barrier would take the core from the library's own threads (gloo's I/O)."""
+    if comm.backend == "mpi":
         from mpi4py import MPI
 
         return MPI.COMM_WORLD.Barrier
-    return main.barrier
+    return comm.barrier
 
 
 def device_of(backend: str) -> torch.device:
@@ -133,8 +134,13 @@ def copy_bandwidth(main: distrib.Communicator, device: torch.device, ranks: int,
     return ranks * 2 * COPY_BYTES / statistics.median(slowest(main, {"copy": times})["copy"]) / 1e9
 
 
-def measure(main, calls: dict, nbytes: int, dtype: torch.dtype, warmup: int, iters: int) -> dict[tuple, list]:
-    """Seconds per call of every subject on the slowest rank; subjects take turns call by call, so noise hits all."""
+def measure(comms: dict, calls: dict, nbytes: int, dtype: torch.dtype, warmup: int, iters: int) -> dict[tuple, list]:
+    """Seconds per call of every subject on the slowest rank.
+
+    A backend's subjects take turns call by call, so noise hits them alike; backends take turns size by size,
+    so each is timed in its own steady state (its threads, buffers and caches warm).
+    """
+    main = next(iter(comms.values()))
     n, rank, count = main.size, main.rank, nbytes // dtype.itemsize
     total = n * (n + 1) // 2  # rank r contributes (r+1) * pattern, small integers every dtype sums exactly
     exact = 3 * total <= (2 / torch.finfo(dtype).eps if dtype.is_floating_point else torch.iinfo(dtype).max)
@@ -143,14 +149,13 @@ def measure(main, calls: dict, nbytes: int, dtype: torch.dtype, warmup: int, ite
         pattern = (torch.arange(count, device=device) % 3 + 1).to(dtype)
         data[device] = (pattern, pattern * total, torch.empty_like(pattern))
     times: dict[tuple, list] = {key: [] for key in calls}
-    keys, wait = list(calls), barrier(main)
-    for i in range(warmup + iters):
+    for keys, i in [(ks, i) for ks in _by_backend(calls) for i in range(warmup + iters)]:
         for backend, algorithm in keys[i % len(keys) :] + keys[: i % len(keys)]:
             device = device_of(backend)
             pattern, expected, t = data[device]
             torch.mul(pattern, rank + 1, out=t)
             sync(device)
-            wait()
+            barrier(comms[backend])()
             start = time.perf_counter()
             calls[backend, algorithm](t)
             sync(device)
@@ -165,6 +170,13 @@ def measure(main, calls: dict, nbytes: int, dtype: torch.dtype, warmup: int, ite
             if i >= warmup:
                 times[backend, algorithm].append(elapsed)
     return slowest(main, times)
+
+
+def _by_backend(calls: dict[tuple, Call]) -> list[list[tuple]]:
+    groups: dict[str, list[tuple]] = {}
+    for backend, algorithm in calls:
+        groups.setdefault(backend, []).append((backend, algorithm))
+    return list(groups.values())
 
 
 def rows(times: dict[tuple, list], nbytes: int, dtype: torch.dtype, n: int, limits: dict[str, float]) -> list[dict]:
@@ -273,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
             if nbytes < dtype.itemsize:
                 continue
             iters = max(args.iters, min(20 * args.iters, (16 << 20) // nbytes))
-            size_rows = rows(measure(main, calls, nbytes, dtype, args.warmup, iters), nbytes, dtype, n, limits)
+            size_rows = rows(measure(comms, calls, nbytes, dtype, args.warmup, iters), nbytes, dtype, n, limits)
             if main.rank == 0:
                 print_table(f"{human_bytes(nbytes)} {name}, {iters} timed calls", size_rows, COLUMNS)
             table += size_rows

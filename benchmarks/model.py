@@ -160,7 +160,13 @@ def main(argv: list[str] | None = None) -> None:
         "--sizes", type=parse_bytes, nargs="+", default=[4 << 10, 1 << 20, 64 << 20, 256 << 20, 1 << 30]
     )
     args = parser.parse_args(argv)
-    rows = [row for path in args.results for row in json.loads(path.read_text())["rows"]]
+    runs = [json.loads(path.read_text()) for path in args.results]
+    rows = [row for run in runs for row in run["rows"]]
+    crowded = [f"{run['ranks']} ranks on {run['machine']['cores']} cores" for run in runs if run.get("oversubscribed")]
+    if crowded:
+        print(
+            f"note: {', '.join(crowded)}: oversubscribed; the model gives each rank a core, so expect such runs slower"
+        )
     fits = fits_of(rows)
     table = [
         {
