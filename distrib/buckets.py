@@ -122,7 +122,9 @@ class Reducer:
             bucket = self.buckets[self.launched]
             if self.launched == len(self.buckets) - 1:
                 bucket.extra.copy_(torch.tensor(self.produced))
-            bucket.handle = self.comm.allreduce(bucket.flat, op="sum", algorithm=self.algorithm, async_op=True)
+            bucket.handle = self.comm.allreduce(
+                bucket.flat, op="sum", algorithm=self.algorithm, async_op=True, label={"bucket": self.launched}
+            )
             self.launched += 1
 
     def finish(self, late: Mapping[int, torch.Tensor | None]) -> list[int]:

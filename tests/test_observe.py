@@ -43,6 +43,8 @@ def test_trace_shows_bucket_allreduces_overlapping_backward(tmp_path):
         backward = [e for e in events if e["pid"] == rank and e["name"] == "backward"]
         buckets = [e for e in events if e["pid"] == rank and e["name"] == "allreduce" and e["tid"] != "MainThread"]
         assert len(backward) == 3 and len(buckets) >= 6, (len(backward), len(buckets))  # 6 layers, 1 MiB each
+        per_step = len(buckets) // 3
+        assert [a["args"]["bucket"] for a in buckets] == list(range(per_step)) * 3  # launch order, every step
         for b in backward:
             end = b["ts"] + b["dur"]
             inside = [a for a in buckets if b["ts"] <= a["ts"] < end]

@@ -12,7 +12,7 @@ import os
 import pickle
 import time
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -138,9 +138,19 @@ class Communicator(abc.ABC):
     # The public collectives.
 
     def allreduce(
-        self, t: torch.Tensor, op: str = "sum", algorithm: str | None = None, async_op: bool = False
+        self,
+        t: torch.Tensor,
+        op: str = "sum",
+        algorithm: str | None = None,
+        async_op: bool = False,
+        *,
+        label: Mapping[str, Any] | None = None,
     ) -> torch.Tensor | Handle:
-        """Reduce `t` over all ranks, in place; returns `t` (or a handle whose wait() returns it)."""
+        """Reduce `t` over all ranks, in place; returns `t` (or a handle whose wait() returns it).
+
+        `label` (of this and the other tensor collectives) adds fields to what the observer sees, such as a trace
+        span's {"bucket": 3}.
+        """
         self._check(t, op)
         algorithm = self._check_algorithm(algorithm or self.algorithm)
 
@@ -165,10 +175,17 @@ class Communicator(abc.ABC):
                 t.copy_(work)
             return t
 
-        return self._run(job, async_op, "allreduce", op=op, algorithm=algorithm, bytes=t.numel() * t.element_size())
+        nbytes = t.numel() * t.element_size()
+        return self._run(job, async_op, "allreduce", label, op=op, algorithm=algorithm, bytes=nbytes)
 
     def reduce_scatter(
-        self, t: torch.Tensor, op: str = "sum", algorithm: str | None = None, async_op: bool = False
+        self,
+        t: torch.Tensor,
+        op: str = "sum",
+        algorithm: str | None = None,
+        async_op: bool = False,
+        *,
+        label: Mapping[str, Any] | None = None,
     ) -> torch.Tensor | Handle:
         """Reduce `t` over ranks and return this rank's part of dim 0 split into `size` equal parts.
 
@@ -205,9 +222,8 @@ class Communicator(abc.ABC):
                 shard.div_(self.size)
             return shard.view(t.shape[0] // self.size, *t.shape[1:]).to(t.device)
 
-        return self._run(
-            job, async_op, "reduce_scatter", op=op, algorithm=algorithm, bytes=t.numel() * t.element_size()
-        )
+        nbytes = t.numel() * t.element_size()
+        return self._run(job, async_op, "reduce_scatter", label, op=op, algorithm=algorithm, bytes=nbytes)
 
     def allgather(
         self,
@@ -215,6 +231,8 @@ class Communicator(abc.ABC):
         out: torch.Tensor | None = None,
         algorithm: str | None = None,
         async_op: bool = False,
+        *,
+        label: Mapping[str, Any] | None = None,
     ) -> torch.Tensor | Handle:
         """Every rank's `t` concatenated along dim 0, written into `out` when given (t may be a view of it)."""
         self._check(t, "sum")
@@ -249,9 +267,12 @@ class Communicator(abc.ABC):
                 out.copy_(work)
             return out
 
-        return self._run(job, async_op, "allgather", algorithm=algorithm, bytes=out.numel() * out.element_size())
+        nbytes = out.numel() * out.element_size()
+        return self._run(job, async_op, "allgather", label, algorithm=algorithm, bytes=nbytes)
 
-    def broadcast(self, t: torch.Tensor, root: int = 0, async_op: bool = False) -> torch.Tensor | Handle:
+    def broadcast(
+        self, t: torch.Tensor, root: int = 0, async_op: bool = False, *, label: Mapping[str, Any] | None = None
+    ) -> torch.Tensor | Handle:
         """Copy rank `root`'s `t` into every rank's `t`, in place."""
         self._check(t, "sum")
         if not 0 <= root < self.size:
@@ -267,15 +288,15 @@ class Communicator(abc.ABC):
                 t.copy_(work)
             return t
 
-        return self._run(job, async_op, "broadcast", root=root, bytes=t.numel() * t.element_size())
+        return self._run(job, async_op, "broadcast", label, root=root, bytes=t.numel() * t.element_size())
 
     def barrier(self, async_op: bool = False) -> None | Handle:
         """Return once every rank has called barrier (or raise CollectiveTimeout)."""
-        return self._run(lambda: self._native_barrier() if self.size > 1 else None, async_op, "barrier")
+        return self._run(lambda: self._native_barrier() if self.size > 1 else None, async_op, "barrier", None)
 
     def allgather_object(self, obj: Any) -> list[Any]:
         """Every rank's picklable `obj`, as a list indexed by rank."""
-        return self._run(lambda: self._allgather_object(obj), False, "allgather_object")
+        return self._run(lambda: self._allgather_object(obj), False, "allgather_object", None)
 
     def broadcast_object(self, obj: Any, root: int = 0) -> Any:
         """Rank `root`'s picklable `obj`, on every rank."""
@@ -289,9 +310,11 @@ class Communicator(abc.ABC):
 
     # Shared machinery.
 
-    def _run(self, job: Callable[[], Any], async_op: bool, name: str = "", **info: Any) -> Any:
+    def _run(
+        self, job: Callable[[], Any], async_op: bool, name: str, label: Mapping[str, Any] | None, **info: Any
+    ) -> Any:
         if self.observer is not None:
-            job = _observed(job, self.observer, name, info)
+            job = _observed(job, self.observer, name, {**info, **(label or {})})
         if async_op:
             return self._engine.submit(job)
         if self._engine.idle:  # nothing queued before us: run on the caller's thread, no hand-off cost
