@@ -1,18 +1,23 @@
 """Allreduce algorithms written once over the point-to-point calls of any Communicator.
 
-All functions work in place on a flat contiguous tensor and take op "sum", "max" or "min" (averaging is the
-caller's division). Chunk c of a flat tensor of n elements over `size` ranks is `chunks(n, size)[c]`: the first
-n % size chunks hold one element more, so any n works, including n < size.
+All functions work in place on a flat contiguous array and take op "sum", "max" or "min" (averaging is the
+caller's division). The array is a torch tensor, or a numpy view of a CPU tensor where the backend takes numpy
+(MPI): slicing and summing a numpy array costs a fraction of a microsecond, a tensor's a microsecond or more,
+and small collectives are made of little else. Chunk c of a flat array of n elements over `size` ranks is
+`chunks(n, size)[c]`: the first n % size chunks hold one element more, so any n works, including n < size.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Union
 
+import numpy as np
 import torch
 
 if TYPE_CHECKING:
     from distrib.comm.base import Communicator
+
+Array = Union[torch.Tensor, np.ndarray]  # noqa: UP007 -- an alias evaluated at import
 
 SEGMENT_BYTES = 1 << 20  # ring pipelining: sum segment k while segment k+1 arrives; ~L2-sized so sums hit cache
 
@@ -28,9 +33,12 @@ def chunks(n: int, parts: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def combine_(dst: torch.Tensor, src: torch.Tensor, op: str) -> None:
+def combine_(dst: Array, src: Array, op: str) -> None:
     """dst = dst (op) src, in place."""
-    if op == "sum":
+    if isinstance(dst, np.ndarray):
+        with np.errstate(all="ignore"):  # overflow to inf is silent, as in torch
+            {"sum": np.add, "max": np.maximum, "min": np.minimum}[op](dst, src, out=dst)
+    elif op == "sum":
         dst.add_(src)
     elif op == "max":
         torch.maximum(dst, src, out=dst)
@@ -38,11 +46,18 @@ def combine_(dst: torch.Tensor, src: torch.Tensor, op: str) -> None:
         torch.minimum(dst, src, out=dst)
 
 
-def naive_allreduce_(comm: Communicator, flat: torch.Tensor, op: str) -> None:
+def empty(like: Array, n: int) -> Array:
+    """An uninitialised 1-D array of n elements, of `like`'s kind, dtype and device."""
+    if isinstance(like, np.ndarray):
+        return np.empty(n, like.dtype)
+    return like.new_empty(n)
+
+
+def naive_allreduce_(comm: Communicator, flat: Array, op: str) -> None:
     """The textbook allreduce: everyone sends to rank 0, which combines in rank order and sends the result back."""
     peers = range(1, comm.size)
     if comm.rank == 0:
-        incoming = torch.empty_like(flat)
+        incoming = empty(flat, len(flat))
         for src in peers:
             comm.wait_all(comm.post(recvs=[(incoming, src)]), "naive allreduce (gather)")
             combine_(flat, incoming, op)
@@ -52,9 +67,9 @@ def naive_allreduce_(comm: Communicator, flat: torch.Tensor, op: str) -> None:
         comm.wait_all(comm.post(recvs=[(flat, 0)]), "naive allreduce (scatter)")
 
 
-def naive_allgather_(comm: Communicator, flat: torch.Tensor, what: str = "naive allgather") -> None:
+def naive_allgather_(comm: Communicator, flat: Array, what: str = "naive allgather") -> None:
     """Allgather through rank 0: each rank's chunk goes to rank 0, which sends the whole back to everyone."""
-    bounds = chunks(flat.numel(), comm.size)
+    bounds = chunks(len(flat), comm.size)
     peers = range(1, comm.size)
     if comm.rank == 0:
         recvs = [(flat[slice(*bounds[src])], src) for src in peers if bounds[src][1] > bounds[src][0]]
@@ -62,22 +77,22 @@ def naive_allgather_(comm: Communicator, flat: torch.Tensor, what: str = "naive 
         comm.wait_all(comm.post(sends=[(flat, dst) for dst in peers]), f"{what} (scatter)")
     else:
         mine = flat[slice(*bounds[comm.rank])]
-        comm.wait_all(comm.post(sends=[(mine, 0)] if mine.numel() else []), f"{what} (gather)")
+        comm.wait_all(comm.post(sends=[(mine, 0)] if len(mine) else []), f"{what} (gather)")
         comm.wait_all(comm.post(recvs=[(flat, 0)]), f"{what} (scatter)")
 
 
-def views(flat: torch.Tensor, parts: int) -> list[torch.Tensor]:
-    """The `chunks` of a flat tensor as views, made once per collective (each slice costs a microsecond)."""
-    return [flat[start:stop] for start, stop in chunks(flat.numel(), parts)]
+def views(flat: Array, parts: int) -> list[Array]:
+    """The `chunks` of a flat array as views, made once per collective."""
+    return [flat[start:stop] for start, stop in chunks(len(flat), parts)]
 
 
-def segments(t: torch.Tensor, seg: int) -> list[torch.Tensor]:
+def segments(t: Array, seg: int) -> list[Array]:
     """`t` cut into pieces of at most `seg` elements: none when empty, `t` itself when it fits in one."""
-    n = t.numel()
+    n = len(t)
     return [t] if 0 < n <= seg else [t[i : i + seg] for i in range(0, n, seg)]
 
 
-def ring_reduce_scatter_(comm: Communicator, flat: torch.Tensor, op: str, parts: list | None = None) -> torch.Tensor:
+def ring_reduce_scatter_(comm: Communicator, flat: Array, op: str, parts: list | None = None) -> Array:
     """Ring reduce-scatter: after size-1 steps chunk `rank` of `flat` holds the reduction over all ranks.
 
     At step s rank r sends chunk (r-s-1) to its right neighbour and combines chunk (r-s-2) from its left one
@@ -87,14 +102,20 @@ def ring_reduce_scatter_(comm: Communicator, flat: torch.Tensor, op: str, parts:
     n, r = comm.size, comm.rank
     parts = parts or views(flat, n)
     right, left = (r + 1) % n, (r - 1) % n
-    seg = max(1, SEGMENT_BYTES // flat.element_size())
-    width = min(seg, parts[0].numel())  # chunk 0 is the longest
-    scratch = torch.empty(2 * width, dtype=flat.dtype, device=flat.device)  # one segment summed, one arriving
+    seg = max(1, SEGMENT_BYTES // flat.itemsize)
+    width = min(seg, len(parts[0]))  # chunk 0 is the longest
+    scratch = empty(flat, 2 * width)  # one segment summed, one arriving
     for s in range(n - 1):
         what = f"ring reduce-scatter step {s + 1}/{n - 1}"
         outgoing = segments(parts[(r - s - 1) % n], seg)
         incoming = segments(parts[(r - s - 2) % n], seg)
-        landing = [scratch[(k % 2) * width : (k % 2) * width + part.numel()] for k, part in enumerate(incoming[:2])]
+        if len(outgoing) <= 1 and len(incoming) <= 1:  # a chunk in one segment: one exchange, nothing to overlap
+            landing = [scratch[: len(part)] for part in incoming]
+            comm.wait_all(comm.post([(p, right) for p in outgoing], [(b, left) for b in landing]), what)
+            for part, buffer in zip(incoming, landing):
+                combine_(part, buffer, op)
+            continue
+        landing = [scratch[(k % 2) * width : (k % 2) * width + len(part)] for k, part in enumerate(incoming[:2])]
         sends = comm.post(sends=[(part, right) for part in outgoing])
         inflight = [comm.post(recvs=[(buffer, left)]) for buffer in landing]
         for k, part in enumerate(incoming):
@@ -102,13 +123,13 @@ def ring_reduce_scatter_(comm: Communicator, flat: torch.Tensor, op: str, parts:
             combine_(part, landing[k % 2], op)
             if k + 2 < len(incoming):  # the buffer just summed takes the segment after next
                 nxt = incoming[k + 2]
-                landing[k % 2] = scratch[(k % 2) * width : (k % 2) * width + nxt.numel()]
+                landing[k % 2] = scratch[(k % 2) * width : (k % 2) * width + len(nxt)]
                 inflight.append(comm.post(recvs=[(landing[k % 2], left)]))
         comm.wait_all(sends, what)
     return parts[r]
 
 
-def ring_allgather_(comm: Communicator, flat: torch.Tensor, parts: list | None = None) -> None:
+def ring_allgather_(comm: Communicator, flat: Array, parts: list | None = None) -> None:
     """Ring allgather: chunk `rank` of `flat` is this rank's; after size-1 steps every chunk is everyone's.
 
     At step s rank r forwards chunk (r-s) to the right and receives chunk (r-s-1) from the left straight into
@@ -119,12 +140,12 @@ def ring_allgather_(comm: Communicator, flat: torch.Tensor, parts: list | None =
     right, left = (r + 1) % n, (r - 1) % n
     for s in range(n - 1):
         send, recv = parts[(r - s) % n], parts[(r - s - 1) % n]
-        sends = [(send, right)] if send.numel() else []
-        recvs = [(recv, left)] if recv.numel() else []
+        sends = [(send, right)] if len(send) else []
+        recvs = [(recv, left)] if len(recv) else []
         comm.wait_all(comm.post(sends=sends, recvs=recvs), f"ring allgather step {s + 1}/{n - 1}")
 
 
-def ring_allreduce_(comm: Communicator, flat: torch.Tensor, op: str) -> None:
+def ring_allreduce_(comm: Communicator, flat: Array, op: str) -> None:
     """Bandwidth-optimal allreduce: ring reduce-scatter then ring allgather, 2(n-1) steps of 1/n each."""
     parts = views(flat, comm.size)
     ring_reduce_scatter_(comm, flat, op, parts)

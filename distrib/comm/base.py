@@ -164,11 +164,11 @@ class Communicator(abc.ABC):
             if algorithm == "native":
                 self._native_allreduce(flat, base_op)
             elif algorithm == "ring":
-                algorithms.ring_allreduce_(self, flat, base_op)
+                algorithms.ring_allreduce_(self, self._array(flat), base_op)
             elif algorithm == "shm":
                 self._shm().allreduce_(flat, base_op)
             else:
-                algorithms.naive_allreduce_(self, flat, base_op)
+                algorithms.naive_allreduce_(self, self._array(flat), base_op)
             if op == "avg":
                 flat.div_(self.size)
             if work is not t:
@@ -211,12 +211,13 @@ class Communicator(abc.ABC):
                 shard = torch.empty(part, dtype=t.dtype, device=work.device)
                 if part:
                     self._native_reduce_scatter(flat, shard, base_op)
-            elif algorithm == "ring":
-                shard = algorithms.ring_reduce_scatter_(self, flat, base_op)
             elif algorithm == "shm":
                 shard = self._shm().reduce_scatter_(flat, base_op)
             else:
-                algorithms.naive_allreduce_(self, flat, base_op)
+                if algorithm == "ring":
+                    algorithms.ring_reduce_scatter_(self, self._array(flat), base_op)
+                else:
+                    algorithms.naive_allreduce_(self, self._array(flat), base_op)
                 shard = flat[self.rank * part : (self.rank + 1) * part]
             if op == "avg":
                 shard.div_(self.size)
@@ -258,11 +259,11 @@ class Communicator(abc.ABC):
                 if algorithm == "native":
                     self._native_allgather(mine, flat)
                 elif algorithm == "ring":
-                    algorithms.ring_allgather_(self, flat)
+                    algorithms.ring_allgather_(self, self._array(flat))
                 elif algorithm == "shm":
                     self._shm().allgather_(flat)
                 else:
-                    algorithms.naive_allgather_(self, flat)
+                    algorithms.naive_allgather_(self, self._array(flat))
             if work is not out:
                 out.copy_(work)
             return out
@@ -352,12 +353,16 @@ class Communicator(abc.ABC):
         prints = torch.zeros(self.size, dtype=torch.int64, device=self.device)
         prints[self.rank] = zlib.crc32(desc.encode())
         # Through rank 0, point to point: a rank that never arrives is named in the timeout.
-        algorithms.naive_allgather_(self, prints, f"{name}: cross-rank check")
+        algorithms.naive_allgather_(self, self._array(prints), f"{name}: cross-rank check")
         if bool((prints == prints[0]).all()):
             return
         descs = self._allgather_object(desc)
         lines = "; ".join(f"rank {r}: {d}" for r, d in enumerate(descs))
         raise CollectiveError(f"collective calls differ across ranks ({lines}); every rank must call the same")
+
+    def _array(self, flat: torch.Tensor) -> algorithms.Array:
+        """What the Python algorithms work on: the tensor itself, unless the backend takes a cheaper view."""
+        return flat
 
     def _staged(self, t: torch.Tensor, copy_in: bool = True) -> torch.Tensor:
         """`t` itself when the backend can use it, else a contiguous copy on a device it can (host, pinned)."""

@@ -13,6 +13,7 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from mpi4py import MPI
 
@@ -29,14 +30,26 @@ _TYPES = {
     torch.float16: MPI.INT16_T,  # moved as raw 16-bit words, never reduced by MPI
     torch.bfloat16: MPI.INT16_T,
 }
+_NUMPY_TYPES = {  # the dtypes numpy holds: the Python algorithms work on numpy views of CPU tensors of these
+    np.dtype(np.float32): MPI.FLOAT,
+    np.dtype(np.float64): MPI.DOUBLE,
+    np.dtype(np.int32): MPI.INT32_T,
+    np.dtype(np.int64): MPI.INT64_T,
+    np.dtype(np.int8): MPI.INT8_T,
+    np.dtype(np.uint8): MPI.UINT8_T,
+    np.dtype(np.float16): MPI.INT16_T,
+}
+_NUMPY = {torch.float32, torch.float64, torch.int32, torch.int64, torch.int8, torch.uint8, torch.float16}
 _OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
 _HALF = (torch.float16, torch.bfloat16)
 _CHECK_EVERY = 32  # polls between looks at the clock
 _SPIN_SECONDS = 2e-4  # poll without yielding this long: on a busy host one yield can cost a whole time slice
 
 
-def _buffer(t: torch.Tensor) -> list:
-    """[memory, MPI datatype] for a contiguous tensor, sharing its storage; the caller keeps `t` alive."""
+def _buffer(t: torch.Tensor | np.ndarray) -> list:
+    """[memory, MPI datatype] for a contiguous tensor or array, sharing its storage; the caller keeps `t` alive."""
+    if isinstance(t, np.ndarray):
+        return [t, _NUMPY_TYPES[t.dtype]]
     if t.is_cuda:
         return [t.detach().view(torch.int16) if t.dtype in _HALF else t.detach(), _TYPES[t.dtype]]
     # A bare address is the cheapest handle for MPI (a numpy view costs a microsecond more per message).
@@ -93,19 +106,26 @@ class MPICommunicator(Communicator):
     def post(
         self, sends: Sequence[tuple[torch.Tensor, int]] = (), recvs: Sequence[tuple[torch.Tensor, int]] = ()
     ) -> Pending:
-        pending = [(self._comm.Irecv(_buffer(t), source=src), src) for t, src in recvs]
-        return pending + [(self._comm.Isend(_buffer(t), dest=dst), dst) for t, dst in sends]
+        comm, pending = self._comm, []
+        for t, src in recvs:
+            pending.append((comm.Irecv(_buffer(t), src), src))
+        for t, dst in sends:
+            pending.append((comm.Isend(_buffer(t), dst), dst))
+        return pending
 
     def wait_all(self, pending: Pending, what: str) -> None:
         # MPI's own waits cannot time out, so poll: a dead or missing peer becomes an error, not a hang.
         requests = [request for request, _ in pending]
-        if requests:
+        if requests and not MPI.Request.Testall(requests):
             self._until(lambda: MPI.Request.Testall(requests), what, lambda: [p for r, p in pending if not r.Test()])
 
     def _until(self, done: Callable[[], bool], what: str, missing: Callable[[], list[int]]) -> None:
         """Poll `done` until it holds, else raise CollectiveTimeout naming `what` and the `missing()` ranks."""
         if not poll(done, self.timeout, self._crowded):
             raise self._timeout(what, missing())
+
+    def _array(self, flat: torch.Tensor) -> torch.Tensor | np.ndarray:
+        return flat.detach().numpy() if flat.device.type == "cpu" and flat.dtype in _NUMPY else flat
 
     def _shm_unavailable(self) -> str:
         if self._host.Get_size() < self._comm.Get_size():
