@@ -12,6 +12,7 @@ communication; allreduce_ms is one allreduce of all 84 MB of gradients alone, th
 from __future__ import annotations
 
 import argparse
+import datetime
 import gc
 import json
 import os
@@ -220,6 +221,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker:
         worker(args.worker, args.rounds, args.steps, args.impls)
         return
+    stamp = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    load = os.getloadavg()[0]
     rows = drive(args.ranks, args.rounds, args.steps, args.threads, args.impls)
     title = (
         f"Training step of MLP {WIDTHS} ({rows[0]['params']:,} parameters), global batch {GLOBAL_BATCH}, "
@@ -231,7 +234,9 @@ def main(argv: list[str] | None = None) -> None:
     machine = {"cpu": platform.processor() or platform.machine(), "logical_cpus": os.cpu_count()}
     machine |= {"torch": torch.__version__, "python": platform.python_version()}
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"machine": machine, "settings": settings, "rows": rows}, indent=1) + "\n")
+    result = {"date": stamp, "command": "python -m benchmarks.ddp " + " ".join(argv or sys.argv[1:])}
+    result |= {"machine": machine, "settings": settings, "load_average": {"start": load, "end": os.getloadavg()[0]}}
+    args.json.write_text(json.dumps(result | {"rows": rows}, indent=1) + "\n")
     plot(rows, args.plot)
     print(f"\nwrote {args.json} and {args.plot}")
 

@@ -45,6 +45,30 @@ def test_allreduce_benchmark_refuses_bad_arguments():
     assert "--warmup and --iters must be at least 1, got 2 and 0" in result.stderr
 
 
+def test_ddp_benchmark_at_one_and_two_ranks(tmp_path):
+    out, png = tmp_path / "ddp.json", tmp_path / "ddp.png"
+    args = ["--ranks", "1", "2", "--rounds", "1", "--steps", "1", "--impls", "distrib mpi ring"]
+    result = run([sys.executable, "-m", "benchmarks.ddp", *args, "--json", str(out), "--plot", str(png)], timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = json.loads(out.read_text())["rows"]
+    impls = ["no communication", "torch DDP gloo", "distrib mpi ring"]
+    assert [(r["ranks"], r["impl"]) for r in rows] == [(n, i) for n in (1, 2) for i in impls]
+    for r in rows:
+        torch_ddp = next(t for t in rows if t["ranks"] == r["ranks"] and t["impl"] == "torch DDP gloo")
+        one = next(o for o in rows if o["ranks"] == 1 and o["impl"] == r["impl"])
+        assert r["vs_torch"] == pytest.approx(r["median_ms"] / torch_ddp["median_ms"]), r
+        assert r["efficiency"] == pytest.approx(r["samples_per_s"] / (r["ranks"] * one["samples_per_s"])), r
+        assert r["samples_per_s"] == pytest.approx(256 / (r["median_ms"] / 1e3)), r
+        assert (r["allreduce_ms"] is None) == (r["impl"] == "no communication"), r
+    assert all(r["allreduce_ms"] > 0 for r in rows if r["ranks"] == 2 and r["impl"] != "no communication")
+
+
+def test_ddp_benchmark_refuses_bad_arguments():
+    result = run([sys.executable, "-m", "benchmarks.ddp", "--ranks", "0"], timeout=120)
+    assert result.returncode == 2 and "--ranks, --rounds, --steps and --threads must all be >= 1" in result.stderr
+
+
 @pytest.mark.parametrize("text,value", [("4096", 4096), ("4K", 4096), ("256M", 256 << 20), ("1GiB", 1 << 30)])
 def test_sizes_read_and_written(text, value):
     assert parse_bytes(text) == value
