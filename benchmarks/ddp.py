@@ -234,7 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     machine = {"cpu": platform.processor() or platform.machine(), "logical_cpus": os.cpu_count()}
     machine |= {"torch": torch.__version__, "python": platform.python_version()}
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    result = {"date": stamp, "command": "python -m benchmarks.ddp " + " ".join(argv or sys.argv[1:])}
+    command = " ".join(["python -m benchmarks.ddp", *(sys.argv[1:] if argv is None else argv)])
+    result = {"date": stamp, "command": command}
     result |= {"machine": machine, "settings": settings, "load_average": {"start": load, "end": os.getloadavg()[0]}}
     args.json.write_text(json.dumps(result | {"rows": rows}, indent=1) + "\n")
     plot(rows, args.plot)
