@@ -137,8 +137,9 @@ def copy_bandwidth(main: distrib.Communicator, device: torch.device, ranks: int,
 def measure(comms: dict, calls: dict, nbytes: int, dtype: torch.dtype, warmup: int, iters: int) -> dict[tuple, list]:
     """Seconds per call of every subject on the slowest rank.
 
-    A backend's subjects take turns call by call, so noise hits them alike; backends take turns size by size,
-    so each is timed in its own steady state (its threads, buffers and caches warm).
+    Each subject makes its warm-up and timed calls in a row, as an application calling one allreduce does:
+    interleaved call by call, one algorithm's buffers evict another's (shm ran 3x slower after ring and MPI
+    calls than in a row on its own).
     """
     main = next(iter(comms.values()))
     n, rank, count = main.size, main.rank, nbytes // dtype.itemsize
@@ -149,8 +150,8 @@ def measure(comms: dict, calls: dict, nbytes: int, dtype: torch.dtype, warmup: i
         pattern = (torch.arange(count, device=device) % 3 + 1).to(dtype)
         data[device] = (pattern, pattern * total, torch.empty_like(pattern))
     times: dict[tuple, list] = {key: [] for key in calls}
-    for keys, i in [(ks, i) for ks in _by_backend(calls) for i in range(warmup + iters)]:
-        for backend, algorithm in keys[i % len(keys) :] + keys[: i % len(keys)]:
+    for backend, algorithm in calls:
+        for i in range(warmup + iters):
             device = device_of(backend)
             pattern, expected, t = data[device]
             torch.mul(pattern, rank + 1, out=t)
@@ -170,13 +171,6 @@ def measure(comms: dict, calls: dict, nbytes: int, dtype: torch.dtype, warmup: i
             if i >= warmup:
                 times[backend, algorithm].append(elapsed)
     return slowest(main, times)
-
-
-def _by_backend(calls: dict[tuple, Call]) -> list[list[tuple]]:
-    groups: dict[str, list[tuple]] = {}
-    for backend, algorithm in calls:
-        groups.setdefault(backend, []).append((backend, algorithm))
-    return list(groups.values())
 
 
 def rows(times: dict[tuple, list], nbytes: int, dtype: torch.dtype, n: int, limits: dict[str, float]) -> list[dict]:
