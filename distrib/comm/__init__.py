@@ -1,6 +1,7 @@
 """Collectives, and nothing else: one Communicator interface, small backends, algorithms over any of them."""
 
-from distrib.comm.base import ALGORITHMS, OPS, CollectiveError, CollectiveTimeout, Communicator
+from distrib.comm.base import Communicator
+from distrib.comm.contract import ALGORITHMS, OPS, CollectiveError, CollectiveTimeout
 from distrib.comm.engine import Handle
 
 __all__ = ["ALGORITHMS", "OPS", "CollectiveError", "CollectiveTimeout", "Communicator", "Handle"]

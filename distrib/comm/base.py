@@ -18,46 +18,13 @@ from typing import Any
 import torch
 
 from distrib.comm import algorithms
+from distrib.comm.contract import ALGORITHMS, CollectiveError, CollectiveTimeout, check_tensor, env_timeout
 from distrib.comm.engine import Engine, Handle
 
-OPS = ("sum", "avg", "max", "min")
-ALGORITHMS = ("naive", "ring", "native", "shm")
-DTYPES = (
-    torch.float32,
-    torch.float64,
-    torch.float16,
-    torch.bfloat16,
-    torch.int32,
-    torch.int64,
-    torch.int8,
-    torch.uint8,
-)
-DEFAULT_TIMEOUT = 300.0  # seconds; generous for big models on slow links, DISTRIB_TIMEOUT overrides
 VERIFY_CALLS = 8  # the first collectives of each communicator check shapes across ranks (DISTRIB_VERIFY=all: every one)
 
 Request = Any  # a backend's in-flight operation
 Pending = list[tuple[Request, int]]  # in-flight operations, each with the peer it waits for (-1: any of them)
-
-
-class CollectiveError(RuntimeError):
-    """A collective could not complete: tensors that differ across ranks, or a peer that failed."""
-
-
-class CollectiveTimeout(CollectiveError):
-    """A peer did not arrive before the deadline; the message names the collective and the ranks waited for."""
-
-
-def _env_timeout() -> float:
-    value = os.environ.get("DISTRIB_TIMEOUT")
-    if value is None:
-        return DEFAULT_TIMEOUT
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise ValueError(f"DISTRIB_TIMEOUT={value!r} is not a number of seconds") from None
-    if seconds <= 0:
-        raise ValueError(f"DISTRIB_TIMEOUT={value!r} must be positive")
-    return seconds
 
 
 class Communicator(abc.ABC):
@@ -69,7 +36,7 @@ class Communicator(abc.ABC):
     def __init__(self, rank: int, size: int, *, timeout: float | None = None, algorithm: str = "native") -> None:
         self.rank = rank
         self.size = size
-        self.timeout = _env_timeout() if timeout is None else float(timeout)
+        self.timeout = env_timeout() if timeout is None else float(timeout)
         if self.timeout <= 0:
             raise ValueError(f"timeout must be positive seconds, got {timeout}")
         self.algorithm = self._check_algorithm(algorithm)
@@ -151,7 +118,7 @@ class Communicator(abc.ABC):
         `label` (of this and the other tensor collectives) adds fields to what the observer sees, such as a trace
         span's {"bucket": 3}.
         """
-        self._check(t, op)
+        check_tensor(t, op)
         algorithm = self._check_algorithm(algorithm or self.algorithm)
 
         def job() -> torch.Tensor:
@@ -191,7 +158,7 @@ class Communicator(abc.ABC):
 
         `t` serves as scratch space: afterwards its contents are unspecified (the result may be a view of it).
         """
-        self._check(t, op)
+        check_tensor(t, op)
         algorithm = self._check_algorithm(algorithm or self.algorithm)
         if t.dim() == 0 or t.shape[0] % self.size:
             raise ValueError(
@@ -236,7 +203,7 @@ class Communicator(abc.ABC):
         label: Mapping[str, Any] | None = None,
     ) -> torch.Tensor | Handle:
         """Every rank's `t` concatenated along dim 0, written into `out` when given (t may be a view of it)."""
-        self._check(t, "sum")
+        check_tensor(t, "sum")
         algorithm = self._check_algorithm(algorithm or self.algorithm)
         shape = (self.size * (t.shape[0] if t.dim() else 1), *t.shape[1:])
         if out is None:
@@ -275,7 +242,7 @@ class Communicator(abc.ABC):
         self, t: torch.Tensor, root: int = 0, async_op: bool = False, *, label: Mapping[str, Any] | None = None
     ) -> torch.Tensor | Handle:
         """Copy rank `root`'s `t` into every rank's `t`, in place."""
-        self._check(t, "sum")
+        check_tensor(t, "sum")
         if not 0 <= root < self.size:
             raise ValueError(f"broadcast root {root} is not a rank of a world of size {self.size}")
 
@@ -389,18 +356,6 @@ class Communicator(abc.ABC):
     def _shm(self) -> Any:
         """The shared-memory collectives (distrib.comm.shm.SharedMemory) of a backend that has them."""
         raise NotImplementedError(f"{type(self).__name__} has no shared-memory collectives")
-
-    @staticmethod
-    def _check(t: Any, op: str) -> None:
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"collectives take a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in DTYPES:
-            names = ", ".join(str(d).removeprefix("torch.") for d in DTYPES)
-            raise TypeError(f"dtype {t.dtype} is not supported; use one of {names}")
-        if op not in OPS:
-            raise ValueError(f"op must be one of {', '.join(OPS)}; got {op!r}")
-        if op == "avg" and not t.is_floating_point():
-            raise ValueError(f"op='avg' needs a floating-point tensor, got {t.dtype}; use op='sum' and divide")
 
 
 def _observed(
