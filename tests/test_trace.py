@@ -6,6 +6,7 @@ import json
 import threading
 
 import pytest
+import torch
 
 from distrib import tracing
 from distrib.comm.local import LocalCommunicator
@@ -43,3 +44,15 @@ def test_traces_do_not_nest(tmp_path):
             with tracing.trace(tmp_path / "b.json", LocalCommunicator()):
                 pass
     assert tracing.recorder() is None
+
+
+def test_collective_spans_carry_their_label(tmp_path):
+    path, comm = tmp_path / "trace.json", LocalCommunicator()
+    with tracing.trace(path, comm):
+        comm.allreduce(torch.ones(4), label={"bucket": 3})
+        comm.allreduce(torch.ones(4), async_op=True, label={"bucket": 4}).wait()
+    spans = [e for e in json.loads(path.read_text())["traceEvents"] if e["ph"] == "X" and e["name"] == "allreduce"]
+    assert [(s["args"]["bucket"], s["args"]["bytes"], s["args"]["algorithm"]) for s in spans] == [
+        (3, 16, "native"),
+        (4, 16, "native"),
+    ]
