@@ -48,6 +48,7 @@ class TrainingState:
     schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler]
     progress: Progress
     settings: dict[str, Any]  # what a resume must match, by option name: {"--batch-size": 1000, ...}
+    task: Any = None  # its state_dict(), when it has one, is saved too: what it keeps across epochs (a replay memory)
 
 
 class Checkpointer:
@@ -99,6 +100,7 @@ def save(state: TrainingState, directory: Path, comm: Communicator, keep: int) -
         "optimizers": {p: _compact(o.state_dict()) for p, o in state.optimizers.items() if p not in sharded},
         "schedulers": {phase: s.state_dict() for phase, s in state.schedulers.items()},
         "loss_sums": sums,
+        "task": state.task.state_dict() if hasattr(state.task, "state_dict") else None,
     }
     mine = {"rng": rng.state(), "optimizers": {p: _compact(state.optimizers[p].state_dict()) for p in sharded}}
 
@@ -183,6 +185,8 @@ def load(state: TrainingState, checkpoint: Path, comm: Communicator) -> None:
         optimizer.load_state_dict((mine if phase in manifest["sharded"] else shared)["optimizers"][phase])
     for phase, scheduler in state.schedulers.items():
         scheduler.load_state_dict(shared["schedulers"][phase])
+    if shared.get("task") is not None:
+        state.task.load_state_dict(shared["task"])
     for key in _POSITION:
         setattr(state.progress, key, manifest["progress"][key])
     sums = shared["loss_sums"]  # global sums: rank 0 carries them, the others start from zero

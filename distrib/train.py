@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     schedules = {phase: build_schedule(o, args.schedule, args.warmup_steps, steps) for phase, o in optimizers.items()}
     config = LoopConfig(args.epochs, args.batch_size, args.accumulation_steps, args.clip_grad, args.seed, args.on_nan)
-    state = TrainingState(models, optimizers, schedules, Progress(), _settings(args))
+    state = TrainingState(models, optimizers, schedules, Progress(), _settings(args), task)
     saver = Checkpointer(out / "checkpoints", comm, state, args.checkpoint_every, args.keep)
     if args.resume:
         _resume(saver, out if args.resume is True else args.resume, out, comm)

@@ -21,6 +21,7 @@ from distrib.checkpoint import Checkpointer, CheckpointError, TrainingState, fin
 from distrib.comm.local import LocalCommunicator
 from distrib.loop import LoopConfig, NonFiniteError, Progress, Stopped, train
 from distrib.optim import build_optimizer, build_schedule
+from distrib.tasks.rl import ReinforcementLearning
 from tests.faulty import Faulty
 
 COMM = LocalCommunicator()
@@ -100,6 +101,38 @@ def test_stop_mid_epoch_and_resume_is_bitwise_the_uninterrupted_run(tmp_path, no
     torch.manual_seed(123)
     run(task, unseeded, config)
     assert not torch.equal(weights(unseeded)["0.weight"], weights(reference)["0.weight"])
+
+
+def test_rl_resume_restores_the_replay_memory_bitwise(tmp_path):
+    """Off-policy RL trains on a memory built over epochs: a resume is exact only if the memory comes back."""
+    config = LoopConfig(epochs=3, batch_size=256, accumulation_steps=1)  # 4 steps an epoch
+
+    def rl_state() -> tuple[ReinforcementLearning, TrainingState]:
+        task = ReinforcementLearning(episodes=4, memory=2048, samples=1024, val_episodes=2)
+        models = task.build()
+        optimizers = {"policy": build_optimizer("adam", models["policy"].parameters(), 3e-3)}
+        return task, TrainingState(models, optimizers, {}, Progress(), dict(SETTINGS), task)
+
+    def policy(state: TrainingState) -> dict[str, torch.Tensor]:
+        return {k: v.clone() for k, v in state.models["policy"].state_dict().items()}
+
+    task, reference = rl_state()
+    run(task, reference, config)
+    task, state = rl_state()
+    with pytest.raises(Stopped):  # in the 2nd epoch: its memory holds two epochs of episodes
+        run(task, state, config, stop=lambda: signal.SIGTERM if state.progress.total == 5 else 0)
+    path = save(state, tmp_path, COMM, keep=1)
+
+    task, resumed = rl_state()
+    load(resumed, path, COMM)
+    run(task, resumed, config)
+    assert_equal(policy(resumed), policy(reference))
+
+    task, forgetful = rl_state()  # the same resume with the task's state left out ends elsewhere
+    load(forgetful, path, COMM)
+    forgetful.task.load_state_dict(rl_state()[0].state_dict())
+    run(task, forgetful, config)
+    assert not torch.equal(policy(forgetful)["4.weight"], policy(reference)["4.weight"])
 
 
 def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):

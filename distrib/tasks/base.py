@@ -20,6 +20,8 @@ class Task(Protocol):
 
     `phases` names the models updated in turn on each minibatch: ("model",) for most tasks, a GAN's
     ("discriminator", "generator"). Each phase has its own optimizer and its own apply/targets/loss.
+    A task that keeps state across epochs (RL's replay memory) adds state_dict() and load_state_dict() of
+    tensors and plain values; checkpoints then hold it too.
     """
 
     phases: Sequence[str]

@@ -86,6 +86,13 @@ class ReinforcementLearning:
         self._epoch = epoch
         return self._data
 
+    def state_dict(self) -> dict:
+        """The replay memory and this epoch's sample: a resumed run trains on what the interrupted one would."""
+        return {"epoch": self._epoch, "memory": torch.from_numpy(self._memory.copy()), "data": self._data}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._epoch, self._memory, self._data = state["epoch"], state["memory"].numpy(), state["data"]
+
     def validation(self) -> Batch:
         return self._val
 
