@@ -9,7 +9,7 @@ and small collectives are made of little else. Chunk c of a flat array of n elem
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ import torch
 if TYPE_CHECKING:
     from distrib.comm.base import Communicator
 
-Array = Union[torch.Tensor, np.ndarray]  # noqa: UP007 -- an alias evaluated at import
+Array = torch.Tensor | np.ndarray  # what the algorithms work on
 
 SEGMENT_BYTES = 1 << 20  # ring pipelining: sum segment k while segment k+1 arrives; ~L2-sized so sums hit cache
 
