@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import distrib
-from benchmarks.common import human_bytes, machine, parse_bytes, print_table
+from benchmarks.common import human_bytes, machine, parse_bytes, print_table, save_figure, subplots
 
 ALGORITHMS = ("naive", "ring", "native", "shm")
 PEER = "peer"  # the algorithm name of the library's own allreduce, called without distrib
@@ -192,12 +192,7 @@ def rows(times: dict[tuple, list], nbytes: int, dtype: torch.dtype, n: int, limi
 
 def plot(rows: list[dict], limits: dict[str, float], title: str, path: Path) -> None:
     """busbw against size, one line per backend and algorithm, log-log, with the copy bandwidth drawn across."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    fig, ax = subplots(figsize=(9, 5.5))
     for dtype in dict.fromkeys(r["dtype"] for r in rows):
         for backend, algorithm in dict.fromkeys((r["backend"], r["algorithm"]) for r in rows):
             mine = [r for r in rows if (r["backend"], r["algorithm"], r["dtype"]) == (backend, algorithm, dtype)]
@@ -211,10 +206,7 @@ def plot(rows: list[dict], limits: dict[str, float], title: str, path: Path) -> 
     ax.set(xlabel="bytes per rank", ylabel="busbw (GB/s), median", title=title)
     ax.legend(fontsize=8, loc="best")
     ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,4 +1,5 @@
-"""Helpers the benchmarks share: sizes written as 4K or 256M, the machine's description, fixed-width tables."""
+"""Helpers the benchmarks share: sizes written as 4K or 256M, the machine's description, fixed-width tables,
+figures written to PNG."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import os
 import platform
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -60,3 +62,23 @@ def print_table(title: str, rows: list[dict], columns: dict[str, str]) -> None:
 
 def _cell(value: object, spec: str) -> str:
     return "" if value is None else format(value, spec)
+
+
+def subplots(*args: Any, **kwargs: Any) -> tuple[Any, Any]:
+    """matplotlib's subplots, drawn for files only (imported here, so a run that plots nothing needs no matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay `fig` out, write it to `path` as PNG (making the folder) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

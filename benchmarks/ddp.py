@@ -16,7 +16,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -28,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-RESULTS = Path(__file__).parent / "results"
+from benchmarks.common import RESULTS, machine, print_table, save_figure, subplots
+
 WIDTHS = (1024, 2048, 2048, 2048, 2048, 2048, 1024)  # 21.0M parameters
 GLOBAL_BATCH = 256  # fixed, split over the ranks (strong scaling), as in the issue's measurement
 PLAIN, TORCH = "no communication", "torch DDP gloo"
@@ -168,22 +168,9 @@ def drive(ranks: list[int], rounds: int, steps: int, threads: int, only: list[st
     return rows
 
 
-def print_table(title: str, rows: list[dict], columns: dict[str, str]) -> None:
-    print(f"\n{title}")
-    lines = [list(columns)] + [["-" if r[c] is None else format(r[c], f) for c, f in columns.items()] for r in rows]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(columns))]
-    for line in lines:
-        print("  ".join(cell.rjust(width) for cell, width in zip(line, widths)))
-
-
 def plot(rows: list[dict], path: Path) -> None:
     """Step time (median, min-max) against the world size per implementation, and the ratio to torch's DDP."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_ms, ax_ratio) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax_ms, ax_ratio) = subplots(1, 2, figsize=(12, 4.5))
     for impl in dict.fromkeys(r["impl"] for r in rows):
         mine = [r for r in rows if r["impl"] == impl]
         ranks, median = [r["ranks"] for r in mine], [r["median_ms"] for r in mine]
@@ -196,11 +183,8 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax in (ax_ms, ax_ratio):
         ax.set_xticks(sorted({r["ranks"] for r in rows}))
         ax.legend(fontsize=7)
-    fig.suptitle(f"torch {torch.__version__}, {os.cpu_count()} logical CPUs shared by all ranks")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.suptitle(f"torch {torch.__version__}, {machine()['cores']} cores shared by all ranks")
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -231,12 +215,10 @@ def main(argv: list[str] | None = None) -> None:
     print_table(title, rows, COLUMNS)
     settings = {"ranks": args.ranks, "rounds": args.rounds, "steps": args.steps, "threads": args.threads}
     settings |= {"widths": WIDTHS, "global_batch": GLOBAL_BATCH, "optimizer": "SGD"}
-    machine = {"cpu": platform.processor() or platform.machine(), "logical_cpus": os.cpu_count()}
-    machine |= {"torch": torch.__version__, "python": platform.python_version()}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python -m benchmarks.ddp", *(sys.argv[1:] if argv is None else argv)])
     result = {"date": stamp, "command": command}
-    result |= {"machine": machine, "settings": settings, "load_average": {"start": load, "end": os.getloadavg()[0]}}
+    result |= {"machine": machine(), "settings": settings, "load_average": {"start": load, "end": os.getloadavg()[0]}}
     args.json.write_text(json.dumps(result | {"rows": rows}, indent=1) + "\n")
     plot(rows, args.plot)
     print(f"\nwrote {args.json} and {args.plot}")

@@ -11,7 +11,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -22,11 +21,12 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import common
+from benchmarks.common import RESULTS, print_table, save_figure, subplots
 from distrib.comm import ALGORITHMS
 from distrib.cpu_adam import adam_step_
 from distrib.shards import FlatLayout, flatten_
 
-RESULTS = Path(__file__).parent / "results"
 BYTES_PER_PARAM = 28  # read param, grad, exp_avg, exp_avg_sq (16) + write param, exp_avg, exp_avg_sq (12)
 COPY_ELEMENTS = 10**8  # 400 MB a side, far past any cache, so copy_ runs at DRAM speed
 HYPER = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.01}
@@ -117,24 +117,10 @@ def cpu_adam(sizes: list[int], warmup: int, repeats: int) -> list[dict]:
     return [bound, *rows]
 
 
-def print_table(title: str, rows: list[dict], columns: dict[str, str]) -> None:
-    """A fixed-width table of the given row keys; columns maps key -> format spec, blank where absent."""
-    cells = [[format(row[key], spec) if key in row else "" for key, spec in columns.items()] for row in rows]
-    widths = [max(len(key), *(len(line[i]) for line in cells)) for i, key in enumerate(columns)]
-    print(f"\n{title}")
-    for line in [list(columns), *cells]:
-        print("  ".join(cell.rjust(width) for cell, width in zip(line, widths)))
-
-
 def plot_cpu_adam(rows: list[dict], path: Path) -> None:
     """Step time and GB/s against parameter count, one line per implementation, the copy_ bound dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     bound = next(r for r in rows if r["impl"].startswith("copy_"))
-    fig, (ax_ms, ax_bw) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax_ms, ax_bw) = subplots(1, 2, figsize=(11, 4.2))
     for impl in dict.fromkeys(r["impl"] for r in rows if r is not bound):
         mine = [r for r in rows if r["impl"] == impl]
         params = [r["params"] for r in mine]
@@ -151,21 +137,12 @@ def plot_cpu_adam(rows: list[dict], path: Path) -> None:
     ax_bw.set(xlabel="parameters", ylabel=f"GB/s ({BYTES_PER_PARAM} B per parameter)", title="bandwidth")
     ax_bw.legend(fontsize=8)
     fig.suptitle(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def machine() -> dict:
-    """What the numbers were measured on."""
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    models = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return {
-        "cpu": models[0] if models else platform.processor(),
-        "logical_cpus": len(models) or None,
-        "torch": torch.__version__,
+    """What the numbers were measured on, with the threads and vector instructions the CPU Adam kernel used."""
+    return common.machine() | {
         "threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
     }
@@ -287,12 +264,7 @@ def train(ranks: list[int], algorithms: list[str], batch: int, warmup: int, repe
 
 def plot_train(rows: list[dict], path: Path) -> None:
     """Step time (median, min-max) and optimizer memory per rank against the world size, per implementation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_ms, ax_mb) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax_ms, ax_mb) = subplots(1, 2, figsize=(11, 4.2))
     algorithms = list(dict.fromkeys(r["algorithm"] for r in rows))
     for impl, algorithm in dict.fromkeys((r["impl"], r["algorithm"]) for r in rows):
         mine = [r for r in rows if r["impl"] == impl and r["algorithm"] == algorithm]
@@ -309,11 +281,8 @@ def plot_train(rows: list[dict], path: Path) -> None:
     for ax in (ax_ms, ax_mb):
         ax.set_xticks(sorted({r["ranks"] for r in rows}))
         ax.legend(fontsize=8)
-    fig.suptitle(f"torch {torch.__version__}, {machine()['logical_cpus']} logical CPUs shared by all ranks")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.suptitle(f"torch {torch.__version__}, {machine()['cores']} cores shared by all ranks")
+    save_figure(fig, path)
 
 
 def _size(text: str) -> int:
