@@ -64,6 +64,29 @@ def test_ddp_benchmark_at_one_and_two_ranks(tmp_path):
     assert all(r["allreduce_ms"] > 0 for r in rows if r["ranks"] == 2 and r["impl"] != "no communication")
 
 
+def test_zero_benchmark_cpu_adam_and_train_at_one_and_two_ranks(tmp_path):
+    paths = {name: tmp_path / name for name in ("adam.json", "adam.png", "train.json", "train.png")}
+    args = ["--sizes", "1e4", "--warmup", "1", "--repeats", "2", "--ranks", "1", "2", "--algorithms", "ring"]
+    args += ["--batch", "4", "--json", str(paths["adam.json"]), "--plot", str(paths["adam.png"])]
+    args += ["--train-json", str(paths["train.json"]), "--train-plot", str(paths["train.png"])]
+    result = run([sys.executable, "-m", "benchmarks.zero", *args], timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for png in (paths["adam.png"], paths["train.png"]):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    adam = json.loads(paths["adam.json"].read_text())
+    assert adam["machine"]["cores"] >= 1 and adam["machine"]["threads"] >= 1
+    fused = next(r for r in adam["rows"] if r["impl"] == "torch fused=True")
+    for r in adam["rows"]:
+        if r["params"] == 10_000:
+            assert r["speed_vs_torch_fused"] == pytest.approx(fused["median_ms"] / r["median_ms"]), r
+    train = json.loads(paths["train.json"].read_text())["rows"]
+    impls = ["DDP+Adam", "ZeRO-Offload", "ZeRO-Offload delay_update"]
+    assert [(r["ranks"], r["impl"]) for r in train] == [(n, i) for n in (1, 2) for i in impls]
+    memory = {(r["ranks"], r["impl"]): r["optimizer_mb_per_rank"] for r in train}
+    assert memory[2, "ZeRO-Offload"] == pytest.approx(memory[1, "ZeRO-Offload"] / 2, rel=1e-3)  # a shard per rank
+    assert memory[2, "DDP+Adam"] == memory[1, "DDP+Adam"]  # every rank holds all of it
+
+
 def test_ddp_benchmark_refuses_bad_arguments():
     result = run([sys.executable, "-m", "benchmarks.ddp", "--ranks", "0"], timeout=120)
     assert result.returncode == 2 and "--ranks, --rounds, --steps and --threads must all be >= 1" in result.stderr
