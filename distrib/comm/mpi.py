@@ -30,16 +30,8 @@ _TYPES = {
     torch.float16: MPI.INT16_T,  # moved as raw 16-bit words, never reduced by MPI
     torch.bfloat16: MPI.INT16_T,
 }
-_NUMPY_TYPES = {  # the dtypes numpy holds: the Python algorithms work on numpy views of CPU tensors of these
-    np.dtype(np.float32): MPI.FLOAT,
-    np.dtype(np.float64): MPI.DOUBLE,
-    np.dtype(np.int32): MPI.INT32_T,
-    np.dtype(np.int64): MPI.INT64_T,
-    np.dtype(np.int8): MPI.INT8_T,
-    np.dtype(np.uint8): MPI.UINT8_T,
-    np.dtype(np.float16): MPI.INT16_T,
-}
-_NUMPY = {torch.float32, torch.float64, torch.int32, torch.int64, torch.int8, torch.uint8, torch.float16}
+_NUMPY = {d for d in _TYPES if d != torch.bfloat16}  # the dtypes numpy holds: the algorithms get numpy views
+_NUMPY_TYPES = {torch.empty(0, dtype=d).numpy().dtype: _TYPES[d] for d in _NUMPY}
 _OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
 _HALF = (torch.float16, torch.bfloat16)
 _CHECK_EVERY = 32  # polls between looks at the clock
