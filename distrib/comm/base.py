@@ -260,11 +260,11 @@ class Communicator(abc.ABC):
 
     def barrier(self, async_op: bool = False) -> None | Handle:
         """Return once every rank has called barrier (or raise CollectiveTimeout)."""
-        return self._run(lambda: self._native_barrier() if self.size > 1 else None, async_op, "barrier", None)
+        return self._run(lambda: self._native_barrier() if self.size > 1 else None, async_op, "barrier")
 
     def allgather_object(self, obj: Any) -> list[Any]:
         """Every rank's picklable `obj`, as a list indexed by rank."""
-        return self._run(lambda: self._allgather_object(obj), False, "allgather_object", None)
+        return self._run(lambda: self._allgather_object(obj), False, "allgather_object")
 
     def broadcast_object(self, obj: Any, root: int = 0) -> Any:
         """Rank `root`'s picklable `obj`, on every rank."""
@@ -279,7 +279,7 @@ class Communicator(abc.ABC):
     # Shared machinery.
 
     def _run(
-        self, job: Callable[[], Any], async_op: bool, name: str, label: Mapping[str, Any] | None, **info: Any
+        self, job: Callable[[], Any], async_op: bool, name: str, label: Mapping[str, Any] | None = None, **info: Any
     ) -> Any:
         if self.observer is not None:
             job = _observed(job, self.observer, name, {**info, **(label or {})})
