@@ -174,8 +174,9 @@ def abort_on_exception(rank: int, size: int) -> None:
 
     def hook(kind, value, tb) -> None:
         err = sys.__stderr__  # the real stream: wrappers (torch.distributed's) may buffer sys.stderr
-        err.write(f"distrib: rank {rank} of {size} failed; aborting the job\n")
-        traceback.print_exception(kind, value, tb, file=err)
+        # One write: line by line, the launcher could kill the job after forwarding the first line only.
+        err.write("".join([f"distrib: rank {rank} of {size} failed; aborting the job\n"]
+                          + traceback.format_exception(kind, value, tb)))  # fmt: skip
         err.flush()
         MPI.COMM_WORLD.Abort(1)
         os._exit(1)  # Abort returns when the launcher is out of reach (a cut link): end here, not in MPI_Finalize
