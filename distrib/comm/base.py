@@ -1,37 +1,31 @@
 """The Communicator: rank, size, point-to-point, and the collectives the rest of distrib is written against.
 
-A backend implements two point-to-point calls (`post`, `wait_all`) and the library's own ("native")
-collectives. Everything else lives here once: argument checks, the cross-rank shape check, staging of tensors a
-backend cannot touch directly, the choice of algorithm, and asynchronous handles from the engine thread.
+A backend (backend.py) implements point-to-point calls and the library's own ("native") collectives. Everything
+else lives here once: argument checks, the cross-rank shape check, staging of tensors a backend cannot touch
+directly, the choice of algorithm, and asynchronous handles from the engine thread.
 """
 
 from __future__ import annotations
 
-import abc
 import os
 import pickle
 import time
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from distrib.comm import algorithms
-from distrib.comm.contract import ALGORITHMS, CollectiveError, CollectiveTimeout, check_tensor, env_timeout
-from distrib.comm.engine import Engine, Handle
+from distrib.comm.backend import Backend
+from distrib.comm.contract import ALGORITHMS, CollectiveError, check_tensor, env_timeout
+from distrib.comm.engine import Engine, Handle, observed
 
 VERIFY_CALLS = 8  # the first collectives of each communicator check shapes across ranks (DISTRIB_VERIFY=all: every one)
 
-Request = Any  # a backend's in-flight operation
-Pending = list[tuple[Request, int]]  # in-flight operations, each with the peer it waits for (-1: any of them)
 
-
-class Communicator(abc.ABC):
+class Communicator(Backend):
     """Collectives over `size` ranks. Every method must be called by every rank, in the same order."""
-
-    backend = "abstract"
-    devices: tuple[str, ...] = ("cpu",)  # device types the backend reads and writes directly
 
     def __init__(self, rank: int, size: int, *, timeout: float | None = None, algorithm: str = "native") -> None:
         self.rank = rank
@@ -55,17 +49,7 @@ class Communicator(abc.ABC):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(rank={self.rank}, size={self.size}, algorithm={self.algorithm!r})"
 
-    # Point-to-point: all a backend must provide for the Python algorithms.
-
-    @abc.abstractmethod
-    def post(
-        self, sends: Sequence[tuple[torch.Tensor, int]] = (), recvs: Sequence[tuple[torch.Tensor, int]] = ()
-    ) -> Pending:
-        """Start sends and receives of contiguous tensors together (NCCL needs them grouped)."""
-
-    @abc.abstractmethod
-    def wait_all(self, pending: Pending, what: str) -> None:
-        """Wait until the deadline, else raise CollectiveTimeout naming `what` and the peers not heard from."""
+    # Point-to-point, and the public collectives.
 
     def send(self, t: torch.Tensor, dst: int) -> None:
         self.wait_all(self.post(sends=[(t, dst)]), "send")
@@ -75,34 +59,6 @@ class Communicator(abc.ABC):
 
     def sendrecv(self, send: torch.Tensor, dst: int, recv: torch.Tensor, src: int) -> None:
         self.wait_all(self.post(sends=[(send, dst)], recvs=[(recv, src)]), "sendrecv")
-
-    def _timeout(self, what: str, missing: Iterable[int]) -> CollectiveTimeout:
-        """The error for peers that did not arrive in time (-1 stands for a native collective's 'someone')."""
-        missing = sorted(set(missing))
-        who = "the other ranks" if -1 in missing or not missing else f"rank(s) {missing}"
-        return CollectiveTimeout(
-            f"{what}: rank {self.rank} waited {self.timeout:g} s for {who}; a rank died, hangs, or called a "
-            "different collective (raise DISTRIB_TIMEOUT if it is only slow)"
-        )
-
-    # The library's own collectives, on contiguous tensors of a supported device; op is sum, max or min.
-
-    @abc.abstractmethod
-    def _native_allreduce(self, flat: torch.Tensor, op: str) -> None: ...
-
-    @abc.abstractmethod
-    def _native_reduce_scatter(self, flat: torch.Tensor, out: torch.Tensor, op: str) -> None: ...
-
-    @abc.abstractmethod
-    def _native_allgather(self, shard: torch.Tensor, out: torch.Tensor) -> None: ...
-
-    @abc.abstractmethod
-    def _native_broadcast(self, t: torch.Tensor, root: int) -> None: ...
-
-    @abc.abstractmethod
-    def _native_barrier(self) -> None: ...
-
-    # The public collectives.
 
     def allreduce(
         self,
@@ -273,16 +229,20 @@ class Communicator(abc.ABC):
         gathered = self.allgather_object(obj if self.rank == root else None)
         return gathered[root]
 
-    def close(self) -> None:  # noqa: B027 -- most backends hold nothing to release
-        """Release the backend's resources; the communicator must not be used afterwards."""
-
     # Shared machinery.
+
+    def _check_algorithm(self, algorithm: str) -> str:
+        if algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}; got {algorithm!r}")
+        if algorithm == "shm" and (why := self._shm_unavailable()):
+            raise ValueError(f"algorithm 'shm' {why}; use 'ring' or 'native'")
+        return algorithm
 
     def _run(
         self, job: Callable[[], Any], async_op: bool, name: str, label: Mapping[str, Any] | None = None, **info: Any
     ) -> Any:
         if self.observer is not None:
-            job = _observed(job, self.observer, name, {**info, **(label or {})})
+            job = observed(job, self.observer, name, {**info, **(label or {})})
         if async_op:
             return self._engine.submit(job)
         if self._engine.idle:  # nothing queued before us: run on the caller's thread, no hand-off cost
@@ -326,49 +286,3 @@ class Communicator(abc.ABC):
         descs = self._allgather_object(desc)
         lines = "; ".join(f"rank {r}: {d}" for r, d in enumerate(descs))
         raise CollectiveError(f"collective calls differ across ranks ({lines}); every rank must call the same")
-
-    def _array(self, flat: torch.Tensor) -> algorithms.Array:
-        """What the Python algorithms work on: the tensor itself, unless the backend takes a cheaper view."""
-        return flat
-
-    def _staged(self, t: torch.Tensor, copy_in: bool = True) -> torch.Tensor:
-        """`t` itself when the backend can use it, else a contiguous copy on a device it can (host, pinned)."""
-        if t.is_contiguous() and t.device.type in self.devices:
-            return t
-        device = t.device if t.device.type in self.devices else torch.device("cpu")
-        pin = device.type == "cpu" and t.device.type == "cuda"
-        work = torch.empty(t.shape, dtype=t.dtype, device=device, pin_memory=pin)
-        if copy_in:
-            work.copy_(t)
-        return work
-
-    def _check_algorithm(self, algorithm: str) -> str:
-        if algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}; got {algorithm!r}")
-        if algorithm == "shm" and (why := self._shm_unavailable()):
-            raise ValueError(f"algorithm 'shm' {why}; use 'ring' or 'native'")
-        return algorithm
-
-    def _shm_unavailable(self) -> str:
-        """Why this communicator cannot run algorithm "shm" ("" when it can)."""
-        return f"needs the mpi backend (ranks sharing memory through MPI-3 windows), not {self.backend!r}"
-
-    def _shm(self) -> Any:
-        """The shared-memory collectives (distrib.comm.shm.SharedMemory) of a backend that has them."""
-        raise NotImplementedError(f"{type(self).__name__} has no shared-memory collectives")
-
-
-def _observed(
-    job: Callable[[], Any], observer: Callable[..., None], name: str, info: dict[str, Any]
-) -> Callable[[], Any]:
-    """`job`, reporting to `observer` when it was queued, started and finished."""
-    queued = time.perf_counter_ns()
-
-    def run() -> Any:
-        started = time.perf_counter_ns()
-        try:
-            return job()
-        finally:
-            observer(name, queued, started, time.perf_counter_ns(), info)
-
-    return run

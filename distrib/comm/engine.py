@@ -83,3 +83,19 @@ class Engine:
                     handle._finish(error=error)
             with self._lock:
                 self._pending -= 1
+
+
+def observed(
+    job: Callable[[], Any], observer: Callable[..., None], name: str, info: dict[str, Any]
+) -> Callable[[], Any]:
+    """`job`, reporting to `observer` when it was queued, started and finished."""
+    queued = time.perf_counter_ns()
+
+    def run() -> Any:
+        started = time.perf_counter_ns()
+        try:
+            return job()
+        finally:
+            observer(name, queued, started, time.perf_counter_ns(), info)
+
+    return run

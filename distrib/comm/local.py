@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from distrib.comm.base import Communicator, Pending
+from distrib.comm.backend import Pending
+from distrib.comm.base import Communicator
 
 
 class LocalCommunicator(Communicator):

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from distrib.comm.base import Communicator, Pending
+from distrib.comm.backend import Pending
+from distrib.comm.base import Communicator
 from distrib.comm.shm import SharedMemory
 
 _TYPES = {

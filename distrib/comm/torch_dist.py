@@ -19,7 +19,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from distrib.comm.base import Communicator, Pending, Request
+from distrib.comm.backend import Pending, Request
+from distrib.comm.base import Communicator
 from distrib.comm.contract import CollectiveError
 
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}

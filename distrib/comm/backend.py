@@ -1,0 +1,94 @@
+"""What a backend implements: point-to-point calls for the Python algorithms, the library's own ("native")
+collectives, and where tensors must live for it to touch them. The Communicator (base.py) builds every public
+collective on these, once.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+
+from distrib.comm.algorithms import Array
+from distrib.comm.contract import CollectiveTimeout
+
+Request = Any  # a backend's in-flight operation
+Pending = list[tuple[Request, int]]  # in-flight operations, each with the peer it waits for (-1: any of them)
+
+
+class Backend(abc.ABC):
+    """The part of a Communicator that differs from one transport (MPI, gloo, NCCL, one process) to another."""
+
+    backend = "abstract"
+    devices: tuple[str, ...] = ("cpu",)  # device types the backend reads and writes directly
+    rank: int
+    size: int
+    timeout: float  # seconds every wait may take
+
+    # Point-to-point: all the Python algorithms need.
+
+    @abc.abstractmethod
+    def post(
+        self, sends: Sequence[tuple[torch.Tensor, int]] = (), recvs: Sequence[tuple[torch.Tensor, int]] = ()
+    ) -> Pending:
+        """Start sends and receives of contiguous tensors together (NCCL needs them grouped)."""
+
+    @abc.abstractmethod
+    def wait_all(self, pending: Pending, what: str) -> None:
+        """Wait until the deadline, else raise CollectiveTimeout naming `what` and the peers not heard from."""
+
+    def _timeout(self, what: str, missing: Iterable[int]) -> CollectiveTimeout:
+        """The error for peers that did not arrive in time (-1 stands for a native collective's 'someone')."""
+        missing = sorted(set(missing))
+        who = "the other ranks" if -1 in missing or not missing else f"rank(s) {missing}"
+        return CollectiveTimeout(
+            f"{what}: rank {self.rank} waited {self.timeout:g} s for {who}; a rank died, hangs, or called a "
+            "different collective (raise DISTRIB_TIMEOUT if it is only slow)"
+        )
+
+    # The library's own collectives, on contiguous tensors of a supported device; op is sum, max or min.
+
+    @abc.abstractmethod
+    def _native_allreduce(self, flat: torch.Tensor, op: str) -> None: ...
+
+    @abc.abstractmethod
+    def _native_reduce_scatter(self, flat: torch.Tensor, out: torch.Tensor, op: str) -> None: ...
+
+    @abc.abstractmethod
+    def _native_allgather(self, shard: torch.Tensor, out: torch.Tensor) -> None: ...
+
+    @abc.abstractmethod
+    def _native_broadcast(self, t: torch.Tensor, root: int) -> None: ...
+
+    @abc.abstractmethod
+    def _native_barrier(self) -> None: ...
+
+    def close(self) -> None:  # noqa: B027 -- most backends hold nothing to release
+        """Release the backend's resources; the communicator must not be used afterwards."""
+
+    # Where tensors must be for the backend, and what it offers beyond the rest.
+
+    def _array(self, flat: torch.Tensor) -> Array:
+        """What the Python algorithms work on: the tensor itself, unless the backend takes a cheaper view."""
+        return flat
+
+    def _staged(self, t: torch.Tensor, copy_in: bool = True) -> torch.Tensor:
+        """`t` itself when the backend can use it, else a contiguous copy on a device it can (host, pinned)."""
+        if t.is_contiguous() and t.device.type in self.devices:
+            return t
+        device = t.device if t.device.type in self.devices else torch.device("cpu")
+        pin = device.type == "cpu" and t.device.type == "cuda"
+        work = torch.empty(t.shape, dtype=t.dtype, device=device, pin_memory=pin)
+        if copy_in:
+            work.copy_(t)
+        return work
+
+    def _shm_unavailable(self) -> str:
+        """Why this communicator cannot run algorithm "shm" ("" when it can)."""
+        return f"needs the mpi backend (ranks sharing memory through MPI-3 windows), not {self.backend!r}"
+
+    def _shm(self) -> Any:
+        """The shared-memory collectives (distrib.comm.shm.SharedMemory) of a backend that has them."""
+        raise NotImplementedError(f"{type(self).__name__} has no shared-memory collectives")
