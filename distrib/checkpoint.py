@@ -27,6 +27,7 @@ import torch
 from distrib import atomic, rng
 from distrib.comm import Communicator
 from distrib.loop import Optimizers, Progress
+from distrib.mismatch import mismatch
 from distrib.tasks.base import Models
 
 FORMAT = 1
@@ -176,8 +177,8 @@ def load(state: TrainingState, checkpoint: Path, comm: Communicator) -> None:
 
     _, problem = _attempt(read)
     if problem is None:
-        mismatch, problem = _attempt(lambda: _mismatch(state, manifest, shared, comm.size))
-        problem = problem or mismatch
+        unfit, problem = _attempt(lambda: mismatch(state, manifest, shared, comm.size, FORMAT))
+        problem = problem or unfit
     _raise_first(comm.allgather_object(problem), f"checkpoint {checkpoint}: ")
     for phase, model in state.models.items():
         model.load_state_dict(shared["models"][phase])
@@ -234,47 +235,6 @@ def _name(total: int) -> str:
 
 
 # Checks and agreement.
-
-
-def _mismatch(state: TrainingState, manifest: dict, shared: dict, world_size: int) -> str | None:
-    """Why this checkpoint cannot load into `state` (the fix included), or None."""
-    if manifest["format"] != FORMAT:
-        return f"it is in checkpoint format {manifest['format']}, this distrib reads {FORMAT}; resume with its version"
-    for key, saved in manifest["settings"].items():
-        here = state.settings.get(key)
-        if saved != here:
-            return f"it was written with {key} {saved}, this run has {key} {here}; resume with {key} {saved}"
-    if sorted(shared["models"]) != sorted(state.models):
-        return f"it holds models {sorted(shared['models'])}, this task has {sorted(state.models)}; use the same task"
-    for phase, model in state.models.items():
-        trouble = _other_model(shared["models"][phase], model.state_dict())
-        if trouble:
-            return f"it holds another model ({trouble}); resume with the model that wrote it, or start a new --out"
-    kinds = {phase: type(o).__name__ for phase, o in state.optimizers.items()}
-    if manifest["optimizers"] != kinds:
-        return f"its optimizers are {manifest['optimizers']}, this run's {kinds}; resume with the same optimizer"
-    if manifest["sharded"] and manifest["world_size"] != world_size:
-        return (
-            f"it holds the optimizer shards of {manifest['world_size']} ranks, and a sharded optimizer resumes only "
-            f"at the world size that wrote it: launch {manifest['world_size']} ranks"
-        )
-    for phase, optimizer in state.optimizers.items():
-        saved_sd = None if phase in manifest["sharded"] else shared["optimizers"].get(phase)
-        if saved_sd is not None:
-            saved_groups = [len(g["params"]) for g in saved_sd["param_groups"]]
-            groups = [len(g["params"]) for g in optimizer.param_groups]
-            if saved_groups != groups:
-                return f"its {phase} optimizer has parameter groups of sizes {saved_groups}, this one {groups}"
-    return None
-
-
-def _other_model(saved: dict[str, torch.Tensor], here: dict[str, torch.Tensor]) -> str | None:
-    for key in sorted(set(saved) | set(here)):
-        if key not in saved or key not in here:
-            return f"{key!r} is only {'here' if key in here else 'in the checkpoint'}"
-        if saved[key].shape != here[key].shape:
-            return f"{key!r} is {tuple(saved[key].shape)} there, {tuple(here[key].shape)} here"
-    return None
 
 
 def _is_sharded(optimizer: torch.optim.Optimizer) -> bool:
