@@ -37,7 +37,7 @@ _OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
 _HALF = (torch.float16, torch.bfloat16)
 _CHECK_EVERY = 32  # polls between looks at the clock
 _SPIN_SECONDS = 2e-4  # poll without yielding this long: on a busy host one yield can cost a whole time slice
-ABORT_GRACE = 0.5  # seconds a failing rank gives the launcher to forward its message before aborting the job
+_ABORT_GRACE = 0.5  # seconds a failing rank gives the launcher to forward its message before aborting the job
 
 
 def _buffer(t: torch.Tensor | np.ndarray) -> list:
@@ -182,7 +182,7 @@ def abort_on_exception(rank: int, size: int) -> None:
         err.flush()
         # The launcher forwards our stderr through a pipe but gets the abort on another channel: without a pause
         # it could kill the job before forwarding the message (a bare Abort lost it in 5 of 60 runs here).
-        time.sleep(ABORT_GRACE)
+        time.sleep(_ABORT_GRACE)
         MPI.COMM_WORLD.Abort(1)
         os._exit(1)  # Abort returns when the launcher is out of reach (a cut link): end here, not in MPI_Finalize
 
