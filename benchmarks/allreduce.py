@@ -28,8 +28,8 @@ import torch
 
 import distrib
 from benchmarks.common import human_bytes, machine, parse_bytes, print_table, save_figure, subplots
+from distrib.env import read_world
 
-ALGORITHMS = ("naive", "ring", "native", "shm")
 PEER = "peer"  # the algorithm name of the library's own allreduce, called without distrib
 DTYPES = {name: getattr(torch, name) for name in ("float32", "float64", "float16", "bfloat16", "int32", "int64")}
 COPY_BYTES = 64 << 20  # far past any cache, so copies run at memory speed
@@ -57,7 +57,7 @@ def communicators(backends: list[str]) -> dict[str, distrib.Communicator]:
             )
         from distrib.comm.torch_dist import TorchCommunicator, rendezvous
 
-        local_rank = distrib.read_world().local_rank
+        local_rank = read_world().local_rank
         comms[backend] = TorchCommunicator(backend, main.rank, main.size, store=rendezvous(main), local_rank=local_rank)
     return comms
 
@@ -86,7 +86,7 @@ def subjects(comms: dict, backends: list[str], algorithms: list[str], dtype: tor
             calls[backend, PEER] = call
         for algorithm in algorithms:
             try:
-                comm._check_algorithm(algorithm)
+                comm.check_algorithm(algorithm)
             except ValueError:
                 continue  # e.g. shm on gloo: not an algorithm this backend has
             calls[backend, algorithm] = lambda t, comm=comm, algorithm=algorithm: comm.allreduce(t, algorithm=algorithm)
@@ -215,7 +215,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-size", type=parse_bytes, default=256 << 20, help="largest of the default sizes")
     parser.add_argument("--dtypes", nargs="+", choices=DTYPES, default=["float32"])
     parser.add_argument("--backends", nargs="+", help="default: the launcher's, plus gloo (nccl on GPUs) under mpirun")
-    parser.add_argument("--algorithms", nargs="+", choices=ALGORITHMS, default=list(ALGORITHMS))
+    parser.add_argument("--algorithms", nargs="+", choices=distrib.ALGORITHMS, default=list(distrib.ALGORITHMS))
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per subject and size")
     parser.add_argument("--iters", type=int, default=10, help="timed calls (more for small sizes, up to 20x)")
     parser.add_argument("--json", type=Path, help="write every row and the settings here")
@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.warmup < 1 or args.iters < 1:
         raise SystemExit(f"--warmup and --iters must be at least 1, got {args.warmup} and {args.iters}")
     sizes = args.sizes or [4 << (2 * k) << 10 for k in range(16) if 4 << (2 * k) << 10 <= args.max_size]
-    world = distrib.read_world()
+    world = read_world()
     backends = args.backends or (["mpi", "nccl" if torch.cuda.is_available() else "gloo"] if world.is_mpi else [])
     comms = communicators(backends)
     main = next(iter(comms.values()))
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
             if main.rank == 0:
                 print_table(f"{human_bytes(nbytes)} {name}, {iters} timed calls", size_rows, COLUMNS)
             table += size_rows
-    order = [PEER, *ALGORITHMS]
+    order = [PEER, *distrib.ALGORITHMS]
     table.sort(key=lambda r: (r["dtype"], backends.index(r["backend"]), order.index(r["algorithm"]), r["bytes"]))
     if main.rank != 0:
         return

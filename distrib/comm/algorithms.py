@@ -1,36 +1,31 @@
-"""Allreduce algorithms written once over the point-to-point calls of any Communicator.
+"""The collective algorithms, and ONE table that chooses them by name.
 
-All functions work in place on a flat contiguous array and take op "sum", "max" or "min" (averaging is the
-caller's division). The array is a torch tensor, or a numpy view of a CPU tensor where the backend takes numpy
-(MPI): slicing and summing a numpy array costs a fraction of a microsecond, a tensor's a microsecond or more,
-and small collectives are made of little else. Chunk c of a flat array of n elements over `size` ranks is
-`chunks(n, size)[c]`: the first n % size chunks hold one element more, so any n works, including n < size.
+naive and ring are written once here over any transport's point-to-point calls; native is the transport library's
+own collectives; shm the shared-memory ones of ranks on one host. Every entry works in place on a flat contiguous
+tensor and takes op "sum", "max" or "min" (averaging is the caller's division). The Python algorithms work on
+`comm._array(flat)`: a numpy view of a CPU tensor where the transport takes numpy (MPI), since slicing and summing
+a numpy array costs a fraction of a microsecond, a tensor's a microsecond or more, and small collectives are made
+of little else. Chunk c of a flat array of n elements over `size` ranks is `chunks(n, size)[c]` (contract.split's
+rule), so any n works, including n < size.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from distrib.comm.base import Communicator
-
-Array = torch.Tensor | np.ndarray  # what the algorithms work on
+from distrib.comm.contract import Array, split
+from distrib.comm.transport import Transport
 
 SEGMENT_BYTES = 1 << 20  # ring pipelining: sum segment k while segment k+1 arrives; ~L2-sized so sums hit cache
 
 
 def chunks(n: int, parts: int) -> list[tuple[int, int]]:
     """(start, stop) of each of `parts` nearly equal contiguous chunks of range(n)."""
-    base, extra = divmod(n, parts)
-    bounds, start = [], 0
-    for c in range(parts):
-        stop = start + base + (c < extra)
-        bounds.append((start, stop))
-        start = stop
-    return bounds
+    return [split(n, c, parts) for c in range(parts)]
 
 
 def combine_(dst: Array, src: Array, op: str) -> None:
@@ -53,21 +48,39 @@ def empty(like: Array, n: int) -> Array:
     return like.new_empty(n)
 
 
-def naive_allreduce_(comm: Communicator, flat: Array, op: str) -> None:
-    """The textbook allreduce: everyone sends to rank 0, which combines in rank order and sends the result back."""
-    peers = range(1, comm.size)
+def _reduce_to_root(comm: Transport, flat: Array, op: str, what: str) -> None:
+    """Every rank sends `flat` to rank 0, which combines them in rank order into its own."""
     if comm.rank == 0:
         incoming = empty(flat, len(flat))
-        for src in peers:
-            comm.wait_all(comm.post(recvs=[(incoming, src)]), "naive allreduce (gather)")
+        for src in range(1, comm.size):
+            comm.wait_all(comm.post(recvs=[(incoming, src)]), f"{what} (gather)")
             combine_(flat, incoming, op)
-        comm.wait_all(comm.post(sends=[(flat, dst) for dst in peers]), "naive allreduce (scatter)")
     else:
-        comm.wait_all(comm.post(sends=[(flat, 0)]), "naive allreduce (gather)")
+        comm.wait_all(comm.post(sends=[(flat, 0)]), f"{what} (gather)")
+
+
+def naive_allreduce_(comm: Transport, flat: Array, op: str) -> None:
+    """The textbook allreduce: everyone sends to rank 0, which combines in rank order and sends the result back."""
+    _reduce_to_root(comm, flat, op, "naive allreduce")
+    if comm.rank == 0:
+        comm.wait_all(comm.post(sends=[(flat, dst) for dst in range(1, comm.size)]), "naive allreduce (scatter)")
+    else:
         comm.wait_all(comm.post(recvs=[(flat, 0)]), "naive allreduce (scatter)")
 
 
-def naive_allgather_(comm: Communicator, flat: Array, what: str = "naive allgather") -> None:
+def naive_reduce_scatter_(comm: Transport, flat: Array, op: str) -> None:
+    """Everyone sends to rank 0, which combines in rank order and sends each rank its own chunk only."""
+    _reduce_to_root(comm, flat, op, "naive reduce-scatter")
+    bounds = chunks(len(flat), comm.size)
+    if comm.rank == 0:
+        sends = [(flat[slice(*bounds[dst])], dst) for dst in range(1, comm.size) if bounds[dst][1] > bounds[dst][0]]
+        comm.wait_all(comm.post(sends=sends), "naive reduce-scatter (scatter)")
+    else:
+        mine = flat[slice(*bounds[comm.rank])]
+        comm.wait_all(comm.post(recvs=[(mine, 0)] if len(mine) else []), "naive reduce-scatter (scatter)")
+
+
+def naive_allgather_(comm: Transport, flat: Array, what: str = "naive allgather") -> None:
     """Allgather through rank 0: each rank's chunk goes to rank 0, which sends the whole back to everyone."""
     bounds = chunks(len(flat), comm.size)
     peers = range(1, comm.size)
@@ -92,7 +105,7 @@ def segments(t: Array, seg: int) -> list[Array]:
     return [t] if 0 < n <= seg else [t[i : i + seg] for i in range(0, n, seg)]
 
 
-def ring_reduce_scatter_(comm: Communicator, flat: Array, op: str, parts: list | None = None) -> Array:
+def ring_reduce_scatter_(comm: Transport, flat: Array, op: str, parts: list | None = None) -> Array:
     """Ring reduce-scatter: after size-1 steps chunk `rank` of `flat` holds the reduction over all ranks.
 
     At step s rank r sends chunk (r-s-1) to its right neighbour and combines chunk (r-s-2) from its left one
@@ -129,7 +142,7 @@ def ring_reduce_scatter_(comm: Communicator, flat: Array, op: str, parts: list |
     return parts[r]
 
 
-def ring_allgather_(comm: Communicator, flat: Array, parts: list | None = None) -> None:
+def ring_allgather_(comm: Transport, flat: Array, parts: list | None = None) -> None:
     """Ring allgather: chunk `rank` of `flat` is this rank's; after size-1 steps every chunk is everyone's.
 
     At step s rank r forwards chunk (r-s) to the right and receives chunk (r-s-1) from the left straight into
@@ -145,8 +158,64 @@ def ring_allgather_(comm: Communicator, flat: Array, parts: list | None = None) 
         comm.wait_all(comm.post(sends=sends, recvs=recvs), f"ring allgather step {s + 1}/{n - 1}")
 
 
-def ring_allreduce_(comm: Communicator, flat: Array, op: str) -> None:
+def ring_allreduce_(comm: Transport, flat: Array, op: str) -> None:
     """Bandwidth-optimal allreduce: ring reduce-scatter then ring allgather, 2(n-1) steps of 1/n each."""
     parts = views(flat, comm.size)
     ring_reduce_scatter_(comm, flat, op, parts)
     ring_allgather_(comm, flat, parts)
+
+
+# The table: each algorithm's three collectives on a flat contiguous tensor of the transport's device.
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """One algorithm's collectives: allreduce in place; reduce_scatter returns this rank's chunk reduced (a view of
+    the input, or a new tensor), leaving the rest of the input unspecified; allgather fills every chunk from the
+    rank that owns it, this rank's own being in place already."""
+
+    allreduce: Callable[[Transport, torch.Tensor, str], None]
+    reduce_scatter: Callable[[Transport, torch.Tensor, str], torch.Tensor]
+    allgather: Callable[[Transport, torch.Tensor], None]
+
+
+def _own(comm: Transport, flat: torch.Tensor) -> torch.Tensor:
+    return flat[slice(*split(flat.numel(), comm.rank, comm.size))]
+
+
+def _python(allreduce, reduce_scatter, allgather) -> Algorithm:
+    """An Algorithm of functions over `comm._array(flat)`, the Python algorithms' view of the tensor."""
+
+    def reduce_scatter_(comm: Transport, flat: torch.Tensor, op: str) -> torch.Tensor:
+        reduce_scatter(comm, comm._array(flat), op)
+        return _own(comm, flat)
+
+    return Algorithm(
+        allreduce=lambda comm, flat, op: allreduce(comm, comm._array(flat), op),
+        reduce_scatter=reduce_scatter_,
+        allgather=lambda comm, flat: allgather(comm, comm._array(flat)),
+    )
+
+
+def _native_reduce_scatter(comm: Transport, flat: torch.Tensor, op: str) -> torch.Tensor:
+    shard = flat.new_empty(flat.numel() // comm.size)
+    if shard.numel():
+        comm._native_reduce_scatter(flat, shard, op)
+    return shard
+
+
+TABLE: dict[str, Algorithm] = {
+    "naive": _python(naive_allreduce_, naive_reduce_scatter_, naive_allgather_),
+    "ring": _python(ring_allreduce_, ring_reduce_scatter_, ring_allgather_),
+    "native": Algorithm(
+        allreduce=lambda comm, flat, op: comm._native_allreduce(flat, op),
+        reduce_scatter=_native_reduce_scatter,
+        allgather=lambda comm, flat: comm._native_allgather(_own(comm, flat), flat),
+    ),
+    "shm": Algorithm(
+        allreduce=lambda comm, flat, op: comm._shm().allreduce_(flat, op),
+        reduce_scatter=lambda comm, flat, op: comm._shm().reduce_scatter_(flat, op),
+        allgather=lambda comm, flat: comm._shm().allgather_(flat),
+    ),
+}
+ALGORITHMS = tuple(TABLE)

@@ -1,8 +1,8 @@
 """The Communicator: rank, size, point-to-point, and the collectives the rest of distrib is written against.
 
-A backend (backend.py) implements point-to-point calls and the library's own ("native") collectives. Everything
-else lives here once: argument checks, the cross-rank shape check, staging of tensors a backend cannot touch
-directly, the choice of algorithm, and asynchronous handles from the engine thread.
+A transport (transport.py) implements point-to-point calls and the library's own ("native") collectives. Everything
+else lives here once: argument checks, the cross-rank shape check, staging of tensors a transport cannot touch
+directly, the algorithm looked up in algorithms.TABLE, and asynchronous handles from the engine thread.
 """
 
 from __future__ import annotations
@@ -16,16 +16,17 @@ from typing import Any
 
 import torch
 
-from distrib.comm import algorithms
-from distrib.comm.backend import Backend
-from distrib.comm.contract import ALGORITHMS, CollectiveError, check_tensor, env_timeout
+from distrib.comm.algorithms import ALGORITHMS, TABLE, naive_allgather_
+from distrib.comm.contract import CollectiveError, check_tensor, env_timeout
 from distrib.comm.engine import Engine, Handle, observed
+from distrib.comm.transport import Transport
 
 VERIFY_CALLS = 8  # the first collectives of each communicator check shapes across ranks (DISTRIB_VERIFY=all: every one)
 
 
-class Communicator(Backend):
-    """Collectives over `size` ranks. Every method must be called by every rank, in the same order."""
+class Communicator(Transport):
+    """Collectives over `size` ranks: every rank calls each collective, in the same order; send and recv are
+    point-to-point, called by the two ranks they name."""
 
     def __init__(self, rank: int, size: int, *, timeout: float | None = None, algorithm: str = "native") -> None:
         self.rank = rank
@@ -33,7 +34,7 @@ class Communicator(Backend):
         self.timeout = env_timeout() if timeout is None else float(timeout)
         if self.timeout <= 0:
             raise ValueError(f"timeout must be positive seconds, got {timeout}")
-        self.algorithm = self._check_algorithm(algorithm)
+        self.algorithm = self.check_algorithm(algorithm)
         self.device = torch.device("cpu")  # where object collectives stage their bytes
         self._verify_left = -1 if os.environ.get("DISTRIB_VERIFY") == "all" else VERIFY_CALLS
         self._engine = Engine(f"distrib-{self.backend}-rank{rank}")
@@ -75,7 +76,7 @@ class Communicator(Backend):
         span's {"bucket": 3}.
         """
         check_tensor(t, op)
-        algorithm = self._check_algorithm(algorithm or self.algorithm)
+        algorithm = self.check_algorithm(algorithm or self.algorithm)
 
         def job() -> torch.Tensor:
             self._verify("allreduce", t, op, algorithm)
@@ -83,15 +84,7 @@ class Communicator(Backend):
                 return t
             work = self._staged(t)
             flat = work if work.dim() == 1 else work.view(-1)
-            base_op = "sum" if op == "avg" else op
-            if algorithm == "native":
-                self._native_allreduce(flat, base_op)
-            elif algorithm == "ring":
-                algorithms.ring_allreduce_(self, self._array(flat), base_op)
-            elif algorithm == "shm":
-                self._shm().allreduce_(flat, base_op)
-            else:
-                algorithms.naive_allreduce_(self, self._array(flat), base_op)
+            TABLE[algorithm].allreduce(self, flat, "sum" if op == "avg" else op)
             if op == "avg":
                 flat.div_(self.size)
             if work is not t:
@@ -115,7 +108,7 @@ class Communicator(Backend):
         `t` serves as scratch space: afterwards its contents are unspecified (the result may be a view of it).
         """
         check_tensor(t, op)
-        algorithm = self._check_algorithm(algorithm or self.algorithm)
+        algorithm = self.check_algorithm(algorithm or self.algorithm)
         if t.dim() == 0 or t.shape[0] % self.size:
             raise ValueError(
                 f"reduce_scatter needs dim 0 divisible by the world size {self.size}, got shape "
@@ -127,21 +120,7 @@ class Communicator(Backend):
             if self.size == 1:
                 return t
             work = self._staged(t)
-            flat = work.view(-1)
-            part = flat.numel() // self.size
-            base_op = "sum" if op == "avg" else op
-            if algorithm == "native":
-                shard = torch.empty(part, dtype=t.dtype, device=work.device)
-                if part:
-                    self._native_reduce_scatter(flat, shard, base_op)
-            elif algorithm == "shm":
-                shard = self._shm().reduce_scatter_(flat, base_op)
-            else:
-                if algorithm == "ring":
-                    algorithms.ring_reduce_scatter_(self, self._array(flat), base_op)
-                else:
-                    algorithms.naive_allreduce_(self, self._array(flat), base_op)
-                shard = flat[self.rank * part : (self.rank + 1) * part]
+            shard = TABLE[algorithm].reduce_scatter(self, work.view(-1), "sum" if op == "avg" else op)
             if op == "avg":
                 shard.div_(self.size)
             return shard.view(t.shape[0] // self.size, *t.shape[1:]).to(t.device)
@@ -160,7 +139,7 @@ class Communicator(Backend):
     ) -> torch.Tensor | Handle:
         """Every rank's `t` concatenated along dim 0, written into `out` when given (t may be a view of it)."""
         check_tensor(t, "sum")
-        algorithm = self._check_algorithm(algorithm or self.algorithm)
+        algorithm = self.check_algorithm(algorithm or self.algorithm)
         shape = (self.size * (t.shape[0] if t.dim() else 1), *t.shape[1:])
         if out is None:
             out = torch.empty(shape, dtype=t.dtype, device=t.device)
@@ -179,14 +158,7 @@ class Communicator(Backend):
             if mine.data_ptr() != t.data_ptr() or t.device != work.device or not t.is_contiguous():
                 mine.copy_(t.reshape(-1))
             if self.size > 1 and part:
-                if algorithm == "native":
-                    self._native_allgather(mine, flat)
-                elif algorithm == "ring":
-                    algorithms.ring_allgather_(self, self._array(flat))
-                elif algorithm == "shm":
-                    self._shm().allgather_(flat)
-                else:
-                    algorithms.naive_allgather_(self, self._array(flat))
+                TABLE[algorithm].allgather(self, flat)
             if work is not out:
                 out.copy_(work)
             return out
@@ -231,7 +203,8 @@ class Communicator(Backend):
 
     # Shared machinery.
 
-    def _check_algorithm(self, algorithm: str) -> str:
+    def check_algorithm(self, algorithm: str) -> str:
+        """`algorithm` when this communicator can run it, else a ValueError naming the ones it can."""
         if algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}; got {algorithm!r}")
         if algorithm == "shm" and (why := self._shm_unavailable()):
@@ -280,7 +253,7 @@ class Communicator(Backend):
         prints = torch.zeros(self.size, dtype=torch.int64, device=self.device)
         prints[self.rank] = zlib.crc32(desc.encode())
         # Through rank 0, point to point: a rank that never arrives is named in the timeout.
-        algorithms.naive_allgather_(self, self._array(prints), f"{name}: cross-rank check")
+        naive_allgather_(self, self._array(prints), f"{name}: cross-rank check")
         if bool((prints == prints[0]).all()):
             return
         descs = self._allgather_object(desc)

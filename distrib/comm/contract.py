@@ -1,15 +1,16 @@
-"""What every collective call agrees to: the reductions, algorithms and dtypes there are, the default deadline,
-and the errors raised when a call or a peer breaks the agreement."""
+"""What every collective call agrees to: the reductions and dtypes there are, what the Python algorithms work on,
+how a flat array is split between ranks, the default deadline, and the errors raised when a call or a peer breaks
+the agreement."""
 
 from __future__ import annotations
 
 import os
 from typing import Any
 
+import numpy as np
 import torch
 
 OPS = ("sum", "avg", "max", "min")
-ALGORITHMS = ("naive", "ring", "native", "shm")
 DTYPES = (
     torch.float32,
     torch.float64,
@@ -20,6 +21,7 @@ DTYPES = (
     torch.int8,
     torch.uint8,
 )
+Array = torch.Tensor | np.ndarray  # what the Python algorithms work on: a tensor, or a numpy view of a CPU one
 DEFAULT_TIMEOUT = 300.0  # seconds; generous for big models on slow links, DISTRIB_TIMEOUT overrides
 
 
@@ -43,6 +45,14 @@ def env_timeout() -> float:
     if seconds <= 0:
         raise ValueError(f"DISTRIB_TIMEOUT={value!r} must be positive")
     return seconds
+
+
+def split(n: int, rank: int, parts: int) -> tuple[int, int]:
+    """[start, stop) of part `rank` of range(n) cut into `parts` contiguous parts, the first n % parts of them one
+    longer (numpy.array_split's rule): how ranks share a flat array, and a global batch."""
+    base, extra = divmod(n, parts)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
 
 
 def check_tensor(t: Any, op: str) -> None:

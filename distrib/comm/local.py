@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from distrib.comm.backend import Pending
 from distrib.comm.base import Communicator
+from distrib.comm.transport import Pending
 
 
 class LocalCommunicator(Communicator):

@@ -1,4 +1,4 @@
-"""The MPI backend over mpi4py: point-to-point with deadlines, MPI's native collectives, abort on failure.
+"""The MPI transport over mpi4py: point-to-point with deadlines, MPI's native collectives, MPI_Abort on failure.
 
 CPU tensors are handed to MPI as views of their memory (no copies). MPI has no fp16/bf16 datatype: their bytes
 travel as int16, and native reductions on them are computed in float32. CUDA tensors are staged through
@@ -8,18 +8,16 @@ pinned host memory by the base class unless this MPI reports CUDA support.
 from __future__ import annotations
 
 import os
-import sys
 import time
-import traceback
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from mpi4py import MPI
 
-from distrib.comm.backend import Pending
 from distrib.comm.base import Communicator
 from distrib.comm.shm import SharedMemory
+from distrib.comm.transport import Pending
 
 _TYPES = {
     torch.float32: MPI.FLOAT,
@@ -168,22 +166,13 @@ class MPICommunicator(Communicator):
         self._comm.Free()
 
 
-def abort_on_exception(rank: int, size: int) -> None:
-    """Make an unhandled exception on any rank end the whole job at once, showing the rank and traceback.
+def abort_job() -> None:
+    """MPI_Abort on the world: the launcher ends every rank at once, instead of leaving them in their next collective.
 
-    Without this, the other ranks would sit in their next collective until the deadline.
+    For a process whose unhandled exception has been reported already (distrib.process installs the hook).
     """
-
-    def hook(kind, value, tb) -> None:
-        err = sys.__stderr__  # the real stream: wrappers (torch.distributed's) may buffer sys.stderr
-        # One write: line by line, the launcher could kill the job after forwarding the first line only.
-        err.write("".join([f"distrib: rank {rank} of {size} failed; aborting the job\n"]
-                          + traceback.format_exception(kind, value, tb)))  # fmt: skip
-        err.flush()
-        # The launcher forwards our stderr through a pipe but gets the abort on another channel: without a pause
-        # it could kill the job before forwarding the message (a bare Abort lost it in 5 of 60 runs here).
-        time.sleep(_ABORT_GRACE)
-        MPI.COMM_WORLD.Abort(1)
-        os._exit(1)  # Abort returns when the launcher is out of reach (a cut link): end here, not in MPI_Finalize
-
-    sys.excepthook = hook
+    # The launcher forwards our stderr through a pipe but gets the abort on another channel: without a pause
+    # it could kill the job before forwarding the message (a bare Abort lost it in 5 of 60 runs here).
+    time.sleep(_ABORT_GRACE)
+    MPI.COMM_WORLD.Abort(1)
+    os._exit(1)  # Abort returns when the launcher is out of reach (a cut link): end here, not in MPI_Finalize

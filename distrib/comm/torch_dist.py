@@ -19,11 +19,14 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from distrib.comm.backend import Pending, Request
 from distrib.comm.base import Communicator
 from distrib.comm.contract import CollectiveError
+from distrib.comm.transport import Pending, Request
 
 _RELEASE_GRACE = 0.1  # seconds, at close: see TorchCommunicator.close
+# Linux's ioctl(SIOCGIFADDR): a struct ifreq in, the name (at most IFNAMSIZ - 1 bytes) first; out, the address as
+# a struct sockaddr_in at byte 16, whose IPv4 address sits 4 bytes in.
+_SIOCGIFADDR, _IFNAMSIZ, _IFREQ_ADDRESS = 0x8915, 16, slice(20, 24)
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
@@ -37,10 +40,13 @@ class TorchCommunicator(Communicator):
         size: int,
         *,
         store: dist.Store | None = None,
+        master: tuple[str, int] | None = None,
         local_rank: int = 0,
         timeout: float | None = None,
         algorithm: str = "native",
     ) -> None:
+        """Meet the other ranks at `store`, or else at rank 0's `master` (host, port) as torch's tcp:// does
+        (under torchrun, through its agent's store); a world of one needs neither."""
         self.backend = backend
         super().__init__(rank, size, timeout=timeout, algorithm=algorithm)
         if backend == "nccl":
@@ -48,11 +54,15 @@ class TorchCommunicator(Communicator):
             self.devices = ("cuda",)
             torch.cuda.set_device(self.device)
         if not dist.is_initialized():
+            if store is None and size == 1:
+                store = dist.HashStore()  # one process: nothing to meet
+            if store is None and master is None:
+                raise CollectiveError(f"{size} ranks need a store or rank 0's (host, port) to meet at")
             if backend == "gloo" and size > 1:
-                master = store.host if isinstance(store, dist.TCPStore) else os.environ.get("MASTER_ADDR")
-                _gloo_interface_toward(master)
+                _gloo_interface_toward(store.host if isinstance(store, dist.TCPStore) else master[0])
+            init_method = None if store is not None else f"tcp://{_bracketed(master[0])}:{master[1]}"
             dist.init_process_group(
-                backend, store=store, rank=rank, world_size=size, timeout=timedelta(seconds=self.timeout)
+                backend, init_method, store=store, rank=rank, world_size=size, timeout=timedelta(seconds=self.timeout)
             )
             atexit.register(self.close)  # a gloo group left open at exit can abort the process
         elif (dist.get_rank(), dist.get_world_size()) != (rank, size):
@@ -138,6 +148,11 @@ def rendezvous(comm: Communicator) -> dist.TCPStore:
     return store
 
 
+def _bracketed(host: str) -> str:
+    """An address as a URL holds it: IPv6 in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
 def _netns() -> str:
     try:
         return os.readlink("/proc/self/ns/net")
@@ -160,10 +175,11 @@ def _interfaces() -> list[tuple[str, str]]:
     try:
         for _, name in socket.if_nameindex():
             try:
-                packed = fcntl.ioctl(probe.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))  # SIOCGIFADDR
+                request = struct.pack("256s", name[: _IFNAMSIZ - 1].encode())
+                packed = fcntl.ioctl(probe.fileno(), _SIOCGIFADDR, request)
             except OSError:
                 continue
-            found.append((name, socket.inet_ntoa(packed[20:24])))
+            found.append((name, socket.inet_ntoa(packed[_IFREQ_ADDRESS])))
     finally:
         probe.close()
     return found

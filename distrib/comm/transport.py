@@ -1,6 +1,7 @@
-"""What a backend implements: point-to-point calls for the Python algorithms, the library's own ("native")
+"""What a transport implements: point-to-point calls for the Python algorithms, the library's own ("native")
 collectives, and where tensors must live for it to touch them. The Communicator (base.py) builds every public
-collective on these, once.
+collective on these, once. A transport's `backend` is its name ("mpi", "gloo", "nccl", "local"), as
+torch.distributed names its backends.
 """
 
 from __future__ import annotations
@@ -11,18 +12,17 @@ from typing import Any
 
 import torch
 
-from distrib.comm.algorithms import Array
-from distrib.comm.contract import CollectiveTimeout
+from distrib.comm.contract import Array, CollectiveTimeout
 
-Request = Any  # a backend's in-flight operation
+Request = Any  # a transport's in-flight operation
 Pending = list[tuple[Request, int]]  # in-flight operations, each with the peer it waits for (-1: any of them)
 
 
-class Backend(abc.ABC):
+class Transport(abc.ABC):
     """The part of a Communicator that differs from one transport (MPI, gloo, NCCL, one process) to another."""
 
-    backend = "abstract"
-    devices: tuple[str, ...] = ("cpu",)  # device types the backend reads and writes directly
+    backend = "abstract"  # the transport's name
+    devices: tuple[str, ...] = ("cpu",)  # device types the transport reads and writes directly
     rank: int
     size: int
     timeout: float  # seconds every wait may take
@@ -65,17 +65,17 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def _native_barrier(self) -> None: ...
 
-    def close(self) -> None:  # noqa: B027 -- most backends hold nothing to release
-        """Release the backend's resources; the communicator must not be used afterwards."""
+    def close(self) -> None:  # noqa: B027 -- most transports hold nothing to release
+        """Release the transport's resources; the communicator must not be used afterwards."""
 
-    # Where tensors must be for the backend, and what it offers beyond the rest.
+    # Where tensors must be for the transport, and what it offers beyond the rest.
 
     def _array(self, flat: torch.Tensor) -> Array:
-        """What the Python algorithms work on: the tensor itself, unless the backend takes a cheaper view."""
+        """What the Python algorithms work on: the tensor itself, unless the transport takes a cheaper view."""
         return flat
 
     def _staged(self, t: torch.Tensor, copy_in: bool = True) -> torch.Tensor:
-        """`t` itself when the backend can use it, else a contiguous copy on a device it can (host, pinned)."""
+        """`t` itself when the transport can use it, else a contiguous copy on a device it can (host, pinned)."""
         if t.is_contiguous() and t.device.type in self.devices:
             return t
         device = t.device if t.device.type in self.devices else torch.device("cpu")
@@ -90,5 +90,5 @@ class Backend(abc.ABC):
         return f"needs the mpi backend (ranks sharing memory through MPI-3 windows), not {self.backend!r}"
 
     def _shm(self) -> Any:
-        """The shared-memory collectives (distrib.comm.shm.SharedMemory) of a backend that has them."""
+        """The shared-memory collectives (distrib.comm.shm.SharedMemory) of a transport that has them."""
         raise NotImplementedError(f"{type(self).__name__} has no shared-memory collectives")

@@ -12,6 +12,7 @@ import torch
 from distrib import CollectiveTimeout
 from distrib.comm.base import VERIFY_CALLS
 
+pytestmark = pytest.mark.mpi  # pytest-mpi's mark: `mpiexec -n N python -m pytest --with-mpi tests/ranks`
 ALGORITHMS = ["naive", "ring", "native", "shm"]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.int64]
 HALF = (torch.float16, torch.bfloat16)
@@ -100,6 +101,27 @@ def test_reduce_scatter(comm, algorithm, dtype, rows):
     assert_matches(part, expected, dtype, n)
 
 
+@pytest.mark.mpi(min_size=2)
+def test_naive_reduce_scatter_sends_each_rank_its_chunk_only(comm, monkeypatch):
+    """Not a whole allreduce: a rank other than 0 receives its own chunk, 1/size of the tensor, and nothing more."""
+    received = []
+    post = comm.post
+    monkeypatch.setattr(
+        comm, "post", lambda sends=(), recvs=(): received.extend(len(r) for r, _ in recvs) or post(sends, recvs)
+    )
+    monkeypatch.setattr(comm, "_verify_left", 0)  # the cross-rank check receives too
+    t = rank_tensor(comm.rank, comm.size * 1000, torch.float32)
+    part = comm.reduce_scatter(t, algorithm="naive")
+    assert_matches(
+        part,
+        reference(comm.size, comm.size * 1000, torch.float32, "sum")[comm.rank * 1000 : (comm.rank + 1) * 1000],
+        torch.float32,
+        comm.size,
+    )
+    if comm.rank:
+        assert received == [1000], received
+
+
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_reduce_scatter_avg(comm, algorithm):
     t = rank_tensor(comm.rank, comm.size * 11, torch.float64)
@@ -180,10 +202,11 @@ def test_shm_pieces_of_every_size(comm):
     assert_matches(part, expected, torch.float32, comm.size)
 
 
+@pytest.mark.mpi(min_size=2)
 def test_shm_wait_names_the_rank_that_never_arrives(comm):
     """A rank missing from a shared-memory collective: the others raise CollectiveTimeout naming it, no hang."""
-    if comm.backend != "mpi" or comm.size == 1:
-        pytest.skip("algorithm 'shm' needs the mpi backend and a peer")
+    if comm.backend != "mpi":
+        pytest.skip("algorithm 'shm' needs the mpi backend")
     from distrib.comm.mpi import MPICommunicator
 
     late = MPICommunicator(timeout=1)
@@ -232,10 +255,9 @@ def test_objects(comm):
     )
 
 
+@pytest.mark.mpi(min_size=2)
 def test_point_to_point_ring(comm):
     right, left = (comm.rank + 1) % comm.size, (comm.rank - 1) % comm.size
-    if comm.size == 1:
-        pytest.skip("no peers in a world of one")
     got = torch.empty(3, dtype=torch.int64)
     comm.sendrecv(torch.full((3,), comm.rank), right, got, left)
     assert got.tolist() == [left] * 3
