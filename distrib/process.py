@@ -1,11 +1,23 @@
-"""`distrib.init()`: read who we are from the launcher and build the matching Communicator, once."""
+"""`distrib.init()` and `init_process_group()`, and everything distrib keeps process-wide, in one place.
+
+Process-wide, because a process is one rank of one job:
+- `STATE.comm`: the Communicator `init()` built; later calls return it.
+- `STATE.torch_group`: the torch.distributed default group `init_process_group` starts next to an "mpi" or
+  "local" communicator, so a script's own `dist.*` calls work.
+- `STATE.recorder`: the trace being recorded (distrib.tracing), if any.
+- `sys.excepthook`: an unhandled exception on any rank is reported once, naming the rank, and takes the whole job
+  down (MPI_Abort under an MPI launcher; under torchrun the exit status makes its agent stop the other workers).
+  torch.distributed wraps the hook when it starts a group, so ours is installed after it, each time.
+- Environment: GLOO_SOCKET_IFNAME, when unset and gloo spans hosts, names the interface that reaches rank 0.
+"""
 
 from __future__ import annotations
 
-import os
 import sys
 import traceback
+from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 
@@ -13,9 +25,17 @@ from distrib.comm import Communicator
 from distrib.env import LaunchError, World, read_world
 
 BACKENDS = ("mpi", "gloo", "nccl", "local")
+TORCH_PORT = 29500  # torch's default MASTER_PORT (and torchrun's --master-port), when the launcher sets none
 
-# The one communicator `init()` hands out, so repeated calls (and libraries calling it) share it.
-_initialised: Communicator | None = None
+
+@dataclass
+class _State:
+    comm: Communicator | None = None
+    torch_group: Communicator | None = None
+    recorder: Any = None  # a distrib.tracing.Recorder while a trace records
+
+
+STATE = _State()
 
 
 def default_backend(world: World) -> str:
@@ -32,18 +52,17 @@ def default_backend(world: World) -> str:
 def init(backend: str | None = None, *, timeout: float | None = None, algorithm: str = "native") -> Communicator:
     """The Communicator for this job; the first call builds it, later calls return the same one.
 
-    backend: "mpi", "gloo", "nccl", "local" or None (chosen from the launcher, see `default_backend`).
+    backend: one of BACKENDS, or None (chosen from the launcher, see `default_backend`).
     timeout: seconds any collective may wait for a peer (DISTRIB_TIMEOUT, else 300).
-    algorithm: the allreduce used when a call names none: "native", "ring" or "naive".
+    algorithm: the algorithm used when a call names none, one of distrib.ALGORITHMS.
     """
-    global _initialised
-    if _initialised is not None:
-        if backend not in (None, _initialised.backend):
+    if STATE.comm is not None:
+        if backend not in (None, STATE.comm.backend):
             raise RuntimeError(
-                f"distrib is already initialised with backend {_initialised.backend!r}, not {backend!r}; "
+                f"distrib is already initialised with backend {STATE.comm.backend!r}, not {backend!r}; "
                 "call distrib.init() once per process"
             )
-        return _initialised
+        return STATE.comm
     world = read_world()
     backend = backend or default_backend(world)
     if backend not in BACKENDS:
@@ -58,7 +77,8 @@ def init(backend: str | None = None, *, timeout: float | None = None, algorithm:
         comm = _mpi(world, timeout, algorithm)
     else:
         comm = _torch(backend, world, timeout, algorithm)
-    _initialised = comm
+    STATE.comm = comm
+    _take_job_down_on_failure(world)
     return comm
 
 
@@ -68,11 +88,9 @@ def _mpi(world: World, timeout: float | None, algorithm: str) -> Communicator:
             f"backend 'mpi' needs an MPI launcher, but this job was started by {world.launcher}; "
             "launch with `mpirun -n N ...` or choose backend 'gloo'"
         )
-    from distrib.comm.mpi import MPICommunicator, abort_on_exception
+    from distrib.comm.mpi import MPICommunicator
 
-    comm = MPICommunicator(timeout=timeout, algorithm=algorithm)
-    abort_on_exception(comm.rank, comm.size)
-    return comm
+    return MPICommunicator(timeout=timeout, algorithm=algorithm)
 
 
 def _torch(backend: str, world: World, timeout: float | None, algorithm: str) -> Communicator:
@@ -80,11 +98,12 @@ def _torch(backend: str, world: World, timeout: float | None, algorithm: str) ->
 
     if backend == "nccl" and not torch.cuda.is_available():
         raise LaunchError("backend 'nccl' needs a CUDA GPU on every rank; none is visible here, use 'gloo'")
+    store, master = None, None
     if world.is_mpi:  # find each other through MPI: no MASTER_ADDR for the user to set
-        from distrib.comm.mpi import MPICommunicator, abort_on_exception
+        from distrib.comm.mpi import MPICommunicator
 
         bootstrap = MPICommunicator(timeout=timeout)
-        abort_on_exception(bootstrap.rank, bootstrap.size)
+        _take_job_down_on_failure(world)
         store = rendezvous(bootstrap)
         bootstrap.close()
     elif world.size > 1 and world.master_addr is None:
@@ -93,46 +112,28 @@ def _torch(backend: str, world: World, timeout: float | None, algorithm: str) ->
             "(the first host) and MASTER_PORT, or launch with torchrun or mpirun"
         )
     elif world.size > 1:
-        os.environ.setdefault("MASTER_PORT", "29500")
-        store = None  # torch reads MASTER_ADDR and MASTER_PORT
-    else:
-        from torch.distributed import HashStore
-
-        store = HashStore()  # one process: nothing to meet
-    comm = TorchCommunicator(
-        backend,
-        world.rank,
-        world.size,
-        store=store,
-        local_rank=world.local_rank,
-        timeout=timeout,
+        master = (world.master_addr, world.master_port or TORCH_PORT)
+    return TorchCommunicator(
+        backend, world.rank, world.size, store=store, master=master, local_rank=world.local_rank, timeout=timeout,
         algorithm=algorithm,
-    )
-    # torch.distributed has just wrapped sys.excepthook; ours goes outermost so the failing rank is named.
-    if world.is_mpi:
-        abort_on_exception(comm.rank, comm.size)
-    else:
-        _report_failures(world)
-    return comm
+    )  # fmt: skip
 
 
-def _report_failures(world: World) -> None:
-    """Prefix an unhandled exception with the failing rank; torchrun then stops the other ranks."""
-    previous = sys.excepthook
-    if getattr(previous, "_distrib", False):
-        return
+def _take_job_down_on_failure(world: World) -> None:
+    """Report an unhandled exception once, naming this rank, then end the whole job (see the module docstring)."""
 
     def hook(kind, value, tb) -> None:
-        sys.stderr.write(f"distrib: rank {world.rank} of {world.size} failed\n")
-        traceback.print_exception(kind, value, tb)
-        sys.stderr.flush()
+        err = sys.__stderr__  # the real stream: wrappers (torch.distributed's) may buffer sys.stderr
+        # One write: line by line, the launcher could kill the job after forwarding the first line only.
+        header = f"distrib: rank {world.rank} of {world.size} failed; the job is going down\n"
+        err.write(header + "".join(traceback.format_exception(kind, value, tb)))
+        err.flush()
+        if world.is_mpi:
+            from distrib.comm.mpi import abort_job
 
-    hook._distrib = True  # type: ignore[attr-defined]
+            abort_job()
+
     sys.excepthook = hook
-
-
-# The torch.distributed default group that init_process_group starts next to an "mpi" or "local" communicator.
-_torch_group: Communicator | None = None
 
 
 def init_process_group(
@@ -154,7 +155,6 @@ def init_process_group(
     launcher's default (`default_backend`), with a gloo default group next to "mpi" or "local" the same way.
     Returns the Communicator (torch's returns None).
     """
-    global _torch_group
     world = read_world()
     if init_method not in (None, "env://"):
         raise ValueError(
@@ -168,13 +168,11 @@ def init_process_group(
             )
     seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
     comm = init(backend, timeout=seconds, algorithm=algorithm)
-    if comm.backend in ("mpi", "local") and _torch_group is None:
+    if comm.backend in ("mpi", "local") and STATE.torch_group is None:
         from distrib.comm.torch_dist import TorchCommunicator, rendezvous
 
-        _torch_group = TorchCommunicator("gloo", comm.rank, comm.size, store=rendezvous(comm), timeout=comm.timeout)
-        _torch_group.barrier()  # a rank may finish connecting before its peers; leaving at once would break theirs
-        if comm.backend == "mpi":  # torch.distributed has just wrapped sys.excepthook; ours goes outermost
-            from distrib.comm.mpi import abort_on_exception
-
-            abort_on_exception(comm.rank, comm.size)
+        STATE.torch_group = TorchCommunicator("gloo", comm.rank, comm.size, store=rendezvous(comm),
+                                              timeout=comm.timeout)  # fmt: skip
+        STATE.torch_group.barrier()  # a rank may finish connecting before its peers; leaving at once breaks theirs
+        _take_job_down_on_failure(world)
     return comm

@@ -3,7 +3,8 @@
     with distrib.trace("run.json", comm):
         ...  # the loop's stages and every collective become spans, one track per rank and per thread
 
-When no trace is active, `span()` costs one global lookup and returns a shared no-op context.
+When no trace is active, `span()` costs two lookups and returns a shared no-op context. The active recorder is
+process-wide state, kept with the rest of it in distrib.process.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from distrib.comm import Communicator
+from distrib.process import STATE
 
-_active: Recorder | None = None  # the trace being recorded in this process, if any
 _OFF = contextlib.nullcontext()
 
 
@@ -77,28 +78,22 @@ class Recorder:
 
 def span(name: str, cat: str = "loop", **args: Any) -> contextlib.AbstractContextManager:
     """A span on the active trace, or a shared no-op when no trace is being recorded."""
-    recorder = _active
+    recorder = STATE.recorder
     return _OFF if recorder is None else recorder.span(name, cat, **args)
-
-
-def recorder() -> Recorder | None:
-    """The active trace's recorder (for code that times work itself, like the collective engine)."""
-    return _active
 
 
 @contextlib.contextmanager
 def trace(path: str | Path, comm: Communicator) -> Iterator[Recorder]:
     """Record spans on every rank while inside; on exit rank 0 writes the merged trace to `path`."""
-    global _active
-    if _active is not None:
+    if STATE.recorder is not None:
         raise RuntimeError("a trace is already being recorded in this process; traces do not nest")
-    _active = Recorder(comm)
-    comm.observer = _active.collective
+    recorder = STATE.recorder = Recorder(comm)
+    comm.observer = recorder.collective
     try:
-        yield _active
+        yield recorder
     finally:
         comm.observer = None
-        recorder_, _active = _active, None
-        merged = recorder_.merged()
+        STATE.recorder = None
+        merged = recorder.merged()
         if merged is not None:
             Path(path).write_text(json.dumps(merged))

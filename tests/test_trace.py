@@ -10,6 +10,7 @@ import torch
 
 from distrib import tracing
 from distrib.comm.local import LocalCommunicator
+from distrib.process import STATE
 
 
 def test_spans_are_recorded_per_thread_and_merged(tmp_path):
@@ -34,7 +35,7 @@ def test_spans_are_recorded_per_thread_and_merged(tmp_path):
 
 
 def test_off_is_a_shared_no_op():
-    assert tracing.recorder() is None
+    assert STATE.recorder is None
     assert tracing.span("a") is tracing.span("b")
 
 
@@ -43,7 +44,7 @@ def test_traces_do_not_nest(tmp_path):
         with pytest.raises(RuntimeError, match="traces do not nest"):
             with tracing.trace(tmp_path / "b.json", LocalCommunicator()):
                 pass
-    assert tracing.recorder() is None
+    assert STATE.recorder is None
 
 
 def test_collective_spans_carry_their_label(tmp_path):
