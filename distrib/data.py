@@ -2,10 +2,12 @@
 
 The global batch is the unit. Every epoch the sample order is a permutation seeded by (seed, epoch), the same
 on all ranks; it is cut into global batches of `batch_size` samples, and each rank takes a contiguous slice
-of every global batch, the first `count % world_size` ranks one sample more (the rule of numpy.array_split).
-Each rank's mean loss is multiplied by `weight = local_count * world_size / global_count`, so averaging the
-gradients over ranks gives the single-process gradient of the global batch at any world size. Every rank
-runs the same number of steps; on the last, partial global batch a rank may get 0 samples (weight 0).
+of every global batch, the first `count % world_size` ranks one sample more (the rule of numpy.array_split,
+`distrib.comm.contract.split`, by which collectives share flat arrays too). The one weighting rule: gradients are
+averaged over ranks (by DDP's hooks as by torch's, and by ZeRO's step), so a rank backpropagates the sum of its
+per-sample losses times `loss_scale = world_size / global_count`; the average is then the single-process gradient
+of the global batch at any world size. Every rank runs the same number of steps; on the last, partial global
+batch a rank may get 0 samples (its sum is 0, still joined to the graph).
 
 Pure logic: rank and world size are plain ints, so this module never talks to other processes.
 """
@@ -21,12 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
-
-def split(count: int, rank: int, world_size: int) -> tuple[int, int]:
-    """Rank's [start, stop) slice of a global batch of `count` samples, the numpy.array_split rule."""
-    base, extra = divmod(count, world_size)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (rank < extra)
+from distrib.comm.contract import split
 
 
 def num_steps(n: int, batch_size: int, drop_last: bool = False) -> int:
@@ -43,10 +40,16 @@ def order(n: int, *, seed: int, epoch: int, shuffle: bool = True) -> torch.Tenso
     return torch.as_tensor(np.random.default_rng((seed, epoch)).permutation(n), dtype=torch.int64)
 
 
+def loss_scale(global_count: int, world_size: int) -> float:
+    """The factor on the sum of a rank's per-sample losses that makes gradients averaged over ranks the global
+    batch's mean gradient: mean over ranks of (world_size / global_count) * sum_r = sum over the batch / global_count.
+    """
+    return world_size / global_count
+
+
 def weight(local_count: int, global_count: int, world_size: int) -> float:
-    """The factor on a rank's mean loss that turns the average over ranks into the global batch's mean."""
-    # mean_r(w_r * sum_r / local_r) = sum over the batch / global_count when w_r = local_r * world / global.
-    return local_count * world_size / global_count
+    """The same rule for a rank's mean loss (its sum over local_count): what torch-style mean losses multiply by."""
+    return local_count * loss_scale(global_count, world_size)
 
 
 @dataclass(frozen=True)

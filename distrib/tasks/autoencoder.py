@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from distrib.comm import Communicator
-from distrib.tasks.base import Batch, Models
+from distrib.tasks.base import Batch, Models, data_generator
 
 
 class Autoencoder:
@@ -19,7 +19,7 @@ class Autoencoder:
     phases = ("model",)
 
     def __init__(self, seed: int = 0, train_size: int = 16384, val_size: int = 4096, dim: int = 32, code: int = 4):
-        gen = torch.Generator().manual_seed(20_000 + seed)
+        gen = data_generator("autoencoder", seed)
         hidden = torch.randn(code, 64, generator=gen)
         mix = torch.randn(64, dim, generator=gen) / 8
         codes = torch.randn(train_size + val_size, code, generator=gen)

@@ -12,6 +12,13 @@ from distrib.comm import Communicator
 
 Models = dict[str, nn.Module]
 Batch = Sequence[torch.Tensor]  # tensors sharing dim 0: inputs, and targets when the data carries them
+# Each built-in task draws its data from a stream of its own, apart from the seed its weights start from.
+_DATA_STREAMS = {"classify": 10_000, "autoencoder": 20_000, "gan": 30_000}
+
+
+def data_generator(task: str, seed: int) -> torch.Generator:
+    """The generator a built-in task's data comes from, the same on every rank for a given seed."""
+    return torch.Generator().manual_seed(_DATA_STREAMS[task] + seed)
 
 
 @runtime_checkable

@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from distrib.comm import Communicator
-from distrib.tasks.base import Batch, Models
+from distrib.tasks.base import Batch, Models, data_generator
 
 
 class Classify:
@@ -31,7 +31,7 @@ class Classify:
         data: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         if data is None:
-            gen = torch.Generator().manual_seed(10_000 + seed)
+            gen = data_generator("classify", seed)
             centers = torch.randn(4 * classes, dim, generator=gen)
             cluster = torch.randint(0, 4 * classes, (train_size + val_size,), generator=gen)
             inputs = centers[cluster] + 0.4 * torch.randn(train_size + val_size, dim, generator=gen)

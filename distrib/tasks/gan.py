@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from distrib.comm import Communicator
-from distrib.tasks.base import Batch, Models, unwrap
+from distrib.tasks.base import Batch, Models, data_generator, unwrap
 
 
 def ring(n: int, gen: torch.Generator, modes: int = 8, radius: float = 2.0, std: float = 0.05) -> torch.Tensor:
@@ -40,7 +40,7 @@ class GAN:
         partners: int = 16,
         r1: float = 0.3,
     ):
-        gen = torch.Generator().manual_seed(30_000 + seed)
+        gen = data_generator("gan", seed)
         self._real = ring(train_size, gen)
         self._reference = ring(val_size, gen)  # held-out real points
         # E|X - X'| of the reference with itself, over distinct pairs: the energy distance's constant term.

@@ -66,7 +66,7 @@ class ReinforcementLearning:
 
     def collect(self, epoch: int, models: Models, comm: Communicator) -> Batch:
         """Play this epoch's episodes (this rank's share), gather them everywhere, sample from the memory."""
-        if epoch == self._epoch:  # the same call gives the same data (train.py sizes its schedule on epoch 0)
+        if epoch == self._epoch:  # the epoch's data once: a resumed run takes it from the checkpoint, no replay
             return self._data
         start, stop = split(self.episodes, comm.rank, comm.size)
         mine = play(unwrap(models["policy"]), [(self.seed, 0, epoch, e) for e in range(start, stop)], greedy=False)
