@@ -16,11 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from distrib import atomic, rng
-from distrib.checkpoint import Checkpointer, CheckpointError, TrainingState, find, load, save
+from distrib.checkpoint import Checkpointer, CheckpointError, TrainingState, atomic, find, load, rng, save
+from distrib.cli.optim import build_optimizer, build_schedule
 from distrib.comm.local import LocalCommunicator
-from distrib.loop import LoopConfig, NonFiniteError, Progress, Stopped, train
-from distrib.optim import build_optimizer, build_schedule
+from distrib.loop import LoopConfig, NonFiniteError, Progress, Stopped, fit
 from distrib.tasks.rl import ReinforcementLearning
 from tests.faulty import Faulty
 
@@ -36,12 +35,13 @@ def small_task() -> Faulty:
 def fresh(task: Faulty) -> TrainingState:
     models = task.build()
     optimizers = {"model": build_optimizer("adam", models["model"].parameters(), 1e-2)}
-    schedulers = {"model": build_schedule(optimizers["model"], "cosine", 2, 12)}
-    return TrainingState(models, optimizers, schedulers, Progress(), dict(SETTINGS))
+    progress = Progress()
+    schedulers = {"model": build_schedule(optimizers["model"], "cosine", 2, 4, progress)}  # 4 epochs of 3 steps
+    return TrainingState(models, optimizers, schedulers, progress, dict(SETTINGS))
 
 
 def run(task: Faulty, state: TrainingState, config: LoopConfig, stop=None, on_step=None) -> list[dict]:
-    return train(task, state.models, state.optimizers, COMM, config, state.schedulers, on_step=on_step,
+    return fit(task, state.models, state.optimizers, COMM, config, state.schedulers, on_step=on_step,
           progress=state.progress, stop=stop)  # fmt: skip
 
 
@@ -277,7 +277,7 @@ def test_a_nan_step_is_skipped_and_changes_nothing(monkeypatch):
     state = fresh(task)
     after: list[dict[str, torch.Tensor]] = []
     config = LoopConfig(epochs=2, batch_size=500, on_nan="skip")
-    history = train(task, state.models, state.optimizers, COMM, config, state.schedulers,
+    history = fit(task, state.models, state.optimizers, COMM, config, state.schedulers,
                     on_step=lambda _: after.append(weights(state)), progress=state.progress)  # fmt: skip
     assert_equal(after[2], after[1])  # step 3 was dropped
     assert not torch.equal(after[3]["0.weight"], after[2]["0.weight"])

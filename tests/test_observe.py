@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
-from distrib.report import where_time_went
+from distrib.cli.report import where_time_went
 from tests.launching import run, run_ranks
 
 
@@ -68,7 +68,7 @@ def test_plot_draws_runs_and_benchmark_results(tmp_path):
     ]
     (tmp_path / "bench.json").write_text(json.dumps({"rows": rows}))
     for target, made in ((tmp_path, tmp_path / "curves.png"), (tmp_path / "bench.json", tmp_path / "bench.busbw.png")):
-        result = run([sys.executable, "-m", "distrib.plot", str(target)], timeout=60)
+        result = run([sys.executable, "-m", "distrib.cli.plot", str(target)], timeout=60)
         assert result.returncode == 0 and made.stat().st_size > 1000, result.stderr
-    bad = run([sys.executable, "-m", "distrib.plot", str(tmp_path / "missing")], timeout=60)
-    assert bad.returncode == 2 and "usage: python -m distrib.plot RUN_DIR | BENCHMARK.json" in bad.stderr
+    bad = run([sys.executable, "-m", "distrib.cli.plot", str(tmp_path / "missing")], timeout=60)
+    assert bad.returncode == 2 and "usage: python -m distrib.cli.plot RUN_DIR | BENCHMARK.json" in bad.stderr

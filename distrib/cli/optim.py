@@ -7,6 +7,8 @@ from collections.abc import Iterable
 
 import torch
 
+from distrib.steps import Progress
+
 OPTIMIZERS = ("sgd", "adam", "adamw", "radam")
 SCHEDULES = ("cosine", "constant")
 
@@ -27,9 +29,13 @@ def build_optimizer(
 
 
 def build_schedule(
-    optimizer: torch.optim.Optimizer, kind: str, warmup_steps: int, total_steps: int
+    optimizer: torch.optim.Optimizer, kind: str, warmup_steps: int, epochs: int, progress: Progress
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over `warmup_steps`, then a cosine decay to zero at `total_steps`, or constant."""
+    """Linear warm-up over `warmup_steps`, then a cosine decay to zero at the end of `epochs`, or constant.
+
+    The total is `epochs` times the current epoch's steps, read from `progress` (the loop sets it once the epoch's
+    data is collected, before its first step), so no data is gathered just to size the schedule.
+    """
     if kind not in SCHEDULES:
         raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}; got {kind!r}")
 
@@ -38,7 +44,7 @@ def build_schedule(
             return (step + 1) / warmup_steps
         if kind == "constant":
             return 1.0
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        done = (step - warmup_steps) / max(1, epochs * progress.steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(done, 1.0)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,5 +1,5 @@
-"""Draw to PNG: a run's learning curves (`python -m distrib.plot RUN_DIR`, also at a run's end), or a collective
-benchmark's bus bandwidth against message size (`python -m distrib.plot benchmarks/results/allreduce_2ranks.json`)."""
+"""Draw to PNG: a run's learning curves (`python -m distrib.cli.plot RUN_DIR`, also at a run's end), or a
+collective benchmark's bus bandwidth against message size (`python -m distrib.cli.plot BENCHMARK.json`)."""
 
 from __future__ import annotations
 
@@ -69,5 +69,5 @@ if __name__ == "__main__":
     elif target is not None and (target / "metrics.jsonl").is_file():
         print(plot_run(target))
     else:
-        print("usage: python -m distrib.plot RUN_DIR | BENCHMARK.json", file=sys.stderr)
+        print("usage: python -m distrib.cli.plot RUN_DIR | BENCHMARK.json", file=sys.stderr)
         sys.exit(2)

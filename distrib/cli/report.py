@@ -8,6 +8,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from distrib.steps import Progress
+
 # The loop's stages (time_<stage>_s in the stats), grouped as the epoch summary reports them.
 _COMPUTE = ("forward", "backward", "step")
 _DATA = ("collect", "data")
@@ -31,9 +33,9 @@ def where_time_went(stats: dict[str, float]) -> str:
 class Reporter:
     """Rank 0's output: progress bar, epoch lines, RUN_DIR/metrics.jsonl, and TensorBoard when asked for."""
 
-    def __init__(self, out: Path, epochs: int, steps: int, done: int, progress: bool, tensorboard: Path | None):
+    def __init__(self, out: Path, epochs: int, done: int, progress: bool, tensorboard: Path | None):
         self.out, self.epochs = out, epochs
-        self.bar = tqdm(total=steps, initial=done, disable=not progress, unit="step", leave=False)
+        self.bar = tqdm(total=None, initial=done, disable=not progress, unit="step", leave=False)
         self.writer = None
         if tensorboard is not None:
             from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package: checked by the CLI
@@ -41,7 +43,9 @@ class Reporter:
             self.writer = SummaryWriter(str(tensorboard))
         self.step_count = done
 
-    def step(self, info: dict[str, Any]) -> None:
+    def step(self, info: dict[str, Any], progress: Progress) -> None:
+        if self.bar.total is None:  # known once the first epoch's data is
+            self.bar.total = self.epochs * progress.steps
         self.bar.update()
         self.step_count += 1
         if self.writer is not None:
