@@ -61,7 +61,7 @@ def wrappers(comms: dict) -> dict:
     for backend, comm in comms.items():
         for algorithm in distrib.ALGORITHMS:
             try:
-                comm._check_algorithm(algorithm)
+                comm.check_algorithm(algorithm)
             except ValueError:
                 continue  # an algorithm this backend lacks
             made[f"distrib {backend} {algorithm}"] = lambda m, c=comm, a=algorithm: distrib.DistributedDataParallel(

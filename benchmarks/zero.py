@@ -24,8 +24,8 @@ import torch
 from benchmarks import common
 from benchmarks.common import RESULTS, print_table, save_figure, subplots
 from distrib.comm import ALGORITHMS
-from distrib.cpu_adam import adam_step_
-from distrib.shards import FlatLayout, flatten_
+from distrib.zero.cpu_adam import adam_step_
+from distrib.zero.layout import FlatLayout, flatten_
 
 BYTES_PER_PARAM = 28  # read param, grad, exp_avg, exp_avg_sq (16) + write param, exp_avg, exp_avg_sq (12)
 COPY_ELEMENTS = 10**8  # 400 MB a side, far past any cache, so copy_ runs at DRAM speed

@@ -41,7 +41,9 @@ def run_ranks(launcher: str, n: int, args: list[str], timeout: float, env: dict[
 def run_rank_suite(launcher: str, backend: str, ranks: int, suite: str, timeout: float = 240) -> None:
     """Run the pytest suite `suite` (under tests/ranks) on `ranks` ranks; every rank must pass all of it."""
     env = {"DISTRIB_RANK_SUITE": "1", "DISTRIB_TEST_BACKEND": backend}
-    result = run_ranks(launcher, ranks, ["-m", "pytest", "-q", "-p", "no:cacheprovider", suite], timeout, env)
+    # Under mpiexec as an MPI user runs them (pytest-mpi); under torchrun the suite's conftest checks the marks.
+    mpi = ["--with-mpi"] if launcher == "mpiexec" else ["-p", "no:pytest_mpi"]
+    result = run_ranks(launcher, ranks, ["-m", "pytest", "-q", "-p", "no:cacheprovider", *mpi, suite], timeout, env)
     # Ranks print at once, so summaries can share a line: find each one's "N passed[, M skipped] in S s".
     summaries = re.findall(r"(\d+ passed(?:, \d+ \w+)* in [\d.]+s)", result.stdout)
     assert result.returncode == 0 and len(summaries) == ranks, result.stdout[-4000:] + result.stderr[-4000:]

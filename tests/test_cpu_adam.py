@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from distrib.cpu_adam import adam_step_
+from distrib.zero.cpu_adam import adam_step_
 
 HYPER = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.1}
 STEPS = 100

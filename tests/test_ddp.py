@@ -13,8 +13,8 @@ from torch import nn
 
 import distrib
 from distrib import DistributedDataParallel
-from distrib.buckets import MIB, assign
 from distrib.comm.local import LocalCommunicator
+from distrib.ddp.buckets import MIB, assign
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ from torch import nn
 
 import distrib
 from distrib.comm.local import LocalCommunicator
-from distrib.shards import FlatLayout
 from distrib.zero import ZeroOffloadOptimizer
+from distrib.zero.layout import FlatLayout
 
 
 def make_model(seed: int = 0) -> nn.Module:

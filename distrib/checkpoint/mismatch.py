@@ -6,21 +6,15 @@ and the message says what differs and how to resume anyway.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-if TYPE_CHECKING:
-    from distrib.checkpoint import TrainingState
+from distrib.checkpoint.state import FORMAT, TrainingState
 
 
-def mismatch(state: TrainingState, manifest: dict, shared: dict, world_size: int, version: int) -> str | None:
-    """Why the checkpoint (its manifest and shared file) cannot load into `state` (the fix included), or None.
-
-    `version` is the checkpoint format this distrib reads.
-    """
-    if manifest["format"] != version:
-        return f"it is in checkpoint format {manifest['format']}, this distrib reads {version}; resume with its version"
+def mismatch(state: TrainingState, manifest: dict, shared: dict, world_size: int) -> str | None:
+    """Why the checkpoint (its manifest and shared file) cannot load into `state` (the fix included), or None."""
+    if manifest["format"] != FORMAT:
+        return f"it is in checkpoint format {manifest['format']}, this distrib reads {FORMAT}; resume with its version"
     for key, saved in manifest["settings"].items():
         here = state.settings.get(key)
         if saved != here:

@@ -1,4 +1,4 @@
-"""Checkpoints that survive a killed rank: atomic files with checksums, per-rank shards, an exact resume.
+"""A checkpoint on disk: per-rank files with checksums, written atomically, found, verified and loaded exactly.
 
 A checkpoint is a directory DIR/step-000000120 (named by the optimizer steps done) holding
   shared.pt       from rank 0: the models, the unsharded optimizers, the schedulers, the epoch's loss sums
@@ -18,19 +18,16 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from distrib import atomic, rng
+from distrib.checkpoint import atomic, rng
+from distrib.checkpoint.mismatch import mismatch
+from distrib.checkpoint.state import FORMAT, TrainingState
 from distrib.comm import Communicator
-from distrib.loop import Optimizers, Progress
-from distrib.mismatch import mismatch
-from distrib.tasks.base import Models
 
-FORMAT = 1
 _NAME = re.compile(r"step-\d{9}")
 _POSITION = ("epoch", "step", "total", "skipped")
 log = logging.getLogger("distrib")
@@ -40,59 +37,12 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be written or used; the message names it, the problem and the fix."""
 
 
-@dataclass
-class TrainingState:
-    """Everything a checkpoint holds, live: loading writes into these objects in place."""
-
-    models: Models
-    optimizers: Optimizers
-    schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler]
-    progress: Progress
-    settings: dict[str, Any]  # what a resume must match, by option name: {"--batch-size": 1000, ...}
-    task: Any = None  # its state_dict(), when it has one, is saved too: what it keeps across epochs (a replay memory)
-
-
-class Checkpointer:
-    """A run's checkpoints: every `every` optimizer steps, at each epoch's end, once more when stopped."""
-
-    def __init__(
-        self, directory: Path, comm: Communicator, state: TrainingState, every: int | None = None, keep: int = 3
-    ) -> None:
-        if keep < 1 or (every is not None and every < 1):
-            raise ValueError(f"keep ({keep}) and every ({every}) must be at least 1")
-        self.directory, self.comm, self.state, self.every, self.keep = directory, comm, state, every, keep
-        self._saved_at: int | None = None  # progress.total of the last checkpoint written
-
-    def on_step(self) -> None:
-        """A checkpoint every `every` steps; the last step of an epoch leaves it to on_epoch."""
-        p = self.state.progress
-        if self.every and p.total % self.every == 0 and p.step < p.steps:
-            self.save()
-
-    def on_epoch(self) -> None:
-        self.save()
-
-    def save(self) -> Path:
-        """Write the state now, unless the newest checkpoint already holds this very step."""
-        if self._saved_at != self.state.progress.total:
-            save(self.state, self.directory, self.comm, self.keep)
-            self._saved_at = self.state.progress.total
-        return self.directory / _name(self.state.progress.total)
-
-    def resume(self, path: Path) -> Path:
-        """Load the newest checkpoint under `path` that verifies (rank 0 reports those it skips)."""
-        checkpoint = find(path, self.comm)
-        load(self.state, checkpoint, self.comm)
-        self._saved_at = self.state.progress.total
-        return checkpoint
-
-
 def save(state: TrainingState, directory: Path, comm: Communicator, keep: int) -> Path:
     """Write a checkpoint of `state` into `directory` on every rank at once; keep the newest `keep`."""
-    name = _name(state.progress.total)
+    name = step_name(state.progress.total)
     final, partial = directory / name, directory / f"{name}.partial"
     fail = f"cannot write checkpoint {final}: "
-    _agree(comm, _on_rank0(comm, lambda: _fresh_dir(partial)), fail)
+    _fail_together(comm, _on_rank0(comm, lambda: _fresh_dir(partial)), fail)
     sums = state.progress.loss_sums
     sums = comm.allreduce(sums.clone()) if sums is not None else None  # world-size free: the epoch's global sums
     sharded = sorted(phase for phase, o in state.optimizers.items() if _is_sharded(o))
@@ -123,7 +73,7 @@ def save(state: TrainingState, directory: Path, comm: Communicator, keep: int) -
         "sharded": sharded,
         "files": {name: entry for files, _ in everyone for name, entry in files.items()},
     }
-    _agree(comm, _on_rank0(comm, lambda: _publish(partial, final, manifest, keep)), fail)
+    _fail_together(comm, _on_rank0(comm, lambda: _commit(partial, final, manifest, keep)), fail)
     return final
 
 
@@ -177,7 +127,7 @@ def load(state: TrainingState, checkpoint: Path, comm: Communicator) -> None:
 
     _, problem = _attempt(read)
     if problem is None:
-        unfit, problem = _attempt(lambda: mismatch(state, manifest, shared, comm.size, FORMAT))
+        unfit, problem = _attempt(lambda: mismatch(state, manifest, shared, comm.size))
         problem = problem or unfit
     _raise_first(comm.allgather_object(problem), f"checkpoint {checkpoint}: ")
     for phase, model in state.models.items():
@@ -204,7 +154,7 @@ def _fresh_dir(path: Path) -> None:
     path.mkdir(parents=True)
 
 
-def _publish(partial: Path, final: Path, manifest: dict[str, Any], keep: int) -> None:
+def _commit(partial: Path, final: Path, manifest: dict[str, Any], keep: int) -> None:
     """Manifest last, then the directory renamed into place (replacing a same-step one), then old ones pruned."""
     atomic.write_text(partial / "manifest.json", json.dumps(manifest, indent=1))
     if final.exists():  # the same step saved again (e.g. at an epoch's end after a resume)
@@ -230,7 +180,8 @@ def _checkpoints(directory: Path) -> list[Path]:
     return sorted(found, reverse=True)
 
 
-def _name(total: int) -> str:
+def step_name(total: int) -> str:
+    """The directory name of the checkpoint taken after `total` optimizer steps."""
     return f"step-{total:09d}"
 
 
@@ -269,7 +220,7 @@ def _on_rank0(comm: Communicator, action) -> str | None:
     return _attempt(action)[1] if comm.rank == 0 else None
 
 
-def _agree(comm: Communicator, problem: str | None, prefix: str = "") -> None:
+def _fail_together(comm: Communicator, problem: str | None, prefix: str = "") -> None:
     """Raise CheckpointError on every rank if rank 0 saw a problem."""
     _raise_first([comm.broadcast_object(problem)], prefix)
 
@@ -279,6 +230,3 @@ def _raise_first(problems: list[str | None], prefix: str = "") -> None:
     problem = next((p for p in problems if p), None)
     if problem:
         raise CheckpointError(prefix + problem)
-
-
-__all__ = ["CheckpointError", "Checkpointer", "TrainingState", "find", "load", "save", "verify"]

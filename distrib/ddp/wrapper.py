@@ -1,6 +1,6 @@
 """DistributedDataParallel: torch's constructor and behaviour, over a distrib Communicator.
 
-Hooks only: a post-accumulate-grad hook per parameter tells the Reducer (distrib/buckets.py) that a gradient is
+Hooks only: a post-accumulate-grad hook per parameter tells the Reducer (buckets.py) that a gradient is
 ready, and a callback queued on autograd's engine waits for the buckets at the end of backward.
 """
 
@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from distrib.buckets import FIRST_BUCKET_BYTES, MIB, Reducer
 from distrib.comm import Communicator
-from distrib.world import init
+from distrib.ddp.buckets import FIRST_BUCKET_BYTES, MIB, Reducer
+from distrib.process import init
 
 DEFAULT_BUCKET_CAP_MB = 25  # torch's default
 _SPARSE = (nn.Embedding, nn.EmbeddingBag)  # the modules whose gradients can be sparse
@@ -26,8 +26,9 @@ _SPARSE = (nn.Embedding, nn.EmbeddingBag)  # the modules whose gradients can be 
 class DistributedDataParallel(nn.Module):
     """Wraps `module` so that backward averages its gradients over all ranks; a drop-in for torch's DDP.
 
-    Arguments as torch's, plus `comm` (a Communicator; None: `distrib.init()`) and `algorithm` ("naive", "ring",
-    "native"; None: the communicator's default). `process_group` may be a Communicator too. Accepted and ignored:
+    Arguments as torch's, plus `comm` (a Communicator; None: `distrib.init()`) and `algorithm` (one of
+    distrib.ALGORITHMS; None: the communicator's default). `process_group` may be a Communicator too. Accepted and
+    ignored:
     `dim` (torch scatters inputs along it only in its retired one-process-many-GPUs mode), `output_device` (as in
     torch with one device per process, outputs stay where the module puts them) and `check_reduction` (a no-op in
     torch too). `static_graph=True` allows unused parameters like `find_unused_parameters=True`; buckets are
@@ -68,7 +69,7 @@ class DistributedDataParallel(nn.Module):
             )
         if bucket_cap_mb is not None and not bucket_cap_mb > 0:
             raise ValueError(f"bucket_cap_mb must be a positive number of MiB, got {bucket_cap_mb}")
-        algorithm = self.comm._check_algorithm(algorithm or self.comm.algorithm)
+        algorithm = self.comm.check_algorithm(algorithm or self.comm.algorithm)
         self.module = module
         self.device = _input_device(device_ids, output_device, [p for _, p in named])
         self.broadcast_buffers = broadcast_buffers

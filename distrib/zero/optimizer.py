@@ -1,7 +1,7 @@
 """ZeroOffloadOptimizer: Adam/AdamW whose state is split across ranks and kept on the CPU (ZeRO-2 with offload).
 
 Every rank holds the whole model; rank r keeps fp32 master weights and Adam moments for shard r of the flat
-parameter buffer only (distrib.shards). One step: reduce-scatter the gradients (averaged over ranks), copy the
+parameter buffer only (layout.py). One step: reduce-scatter the gradients (averaged over ranks), copy the
 owned shard to the CPU in fp32, run Adam there, copy back in the parameters' dtype, allgather the shards
 straight into the parameters.
 """
@@ -19,16 +19,14 @@ import torch
 from torch import Tensor
 
 from distrib.comm import Communicator
-from distrib.cpu_adam import adam_step_
-from distrib.shards import FlatLayout, check_params, flatten_, gather, per_parameter, scatter_
-from distrib.world import init
+from distrib.process import init
+from distrib.zero.cpu_adam import adam_step_
+from distrib.zero.groups import TORCH_GROUP, check_group, groups_out, load_groups
+from distrib.zero.layout import FlatLayout, check_params, flatten_, gather, per_parameter, scatter_
 
 __all__ = ["ZeroOffloadOptimizer"]
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-HYPER = ("lr", "betas", "eps", "weight_decay")
-# torch.optim.AdamW's own group keys, so a consolidated state dict loads there as it is.
-TORCH_GROUP = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False, "differentiable": False}
 
 
 class ZeroOffloadOptimizer(torch.optim.Optimizer):
@@ -60,7 +58,7 @@ class ZeroOffloadOptimizer(torch.optim.Optimizer):
             raise ValueError("ZeroOffloadOptimizer got an empty parameter list; pass model.parameters()")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
         for group in self.param_groups:
-            _check_group(group)
+            check_group(group)
         self._params: list[Tensor] = [p for group in self.param_groups for p in group["params"]]
         check_params(self._params, DTYPES)
         self.comm = comm if comm is not None else init()
@@ -170,7 +168,7 @@ class ZeroOffloadOptimizer(torch.optim.Optimizer):
         meta = {"world_size": self.comm.size, "rank": self.comm.rank, "step": self._steps}
         meta["shapes"] = [tuple(s) for s in self.layout.shapes]
         state = {"master": self._master_shard(), "exp_avg": self._exp_avg, "exp_avg_sq": self._exp_avg_sq}
-        return {"zero": meta, "state": state, "param_groups": self._groups_out()}
+        return {"zero": meta, "state": state, "param_groups": groups_out(self.param_groups)}
 
     def consolidated_state_dict(self) -> dict[str, Any] | None:
         """The whole state in torch.optim.AdamW's format, on rank 0 (None elsewhere); every rank must call it.
@@ -189,7 +187,7 @@ class ZeroOffloadOptimizer(torch.optim.Optimizer):
             return None
         step = torch.tensor(float(self._steps))
         state = {i: {"step": step.clone(), **{k: v[i] for k, v in full.items()}} for i in range(len(self._params))}
-        groups = [{**TORCH_GROUP, "decoupled_weight_decay": self.adamw, **g} for g in self._groups_out()]
+        groups = [{**TORCH_GROUP, "decoupled_weight_decay": self.adamw, **g} for g in groups_out(self.param_groups)]
         return {"state": state if self._steps else {}, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -199,7 +197,7 @@ class ZeroOffloadOptimizer(torch.optim.Optimizer):
         gathered here.
         """
         self._wait()
-        self._load_groups(state_dict["param_groups"])
+        load_groups(self.param_groups, state_dict["param_groups"])
         if "zero" in state_dict:
             self._load_sharded(state_dict["zero"], state_dict["state"])
         else:
@@ -261,26 +259,6 @@ class ZeroOffloadOptimizer(torch.optim.Optimizer):
 
     # Checkpoints.
 
-    def _groups_out(self) -> list[dict[str, Any]]:
-        groups, first = [], 0
-        for group in self.param_groups:
-            count = len(group["params"])
-            groups.append({**{k: group[k] for k in HYPER}, "params": list(range(first, first + count))})
-            first += count
-        return groups
-
-    def _load_groups(self, saved: list[dict[str, Any]]) -> None:
-        sizes = [len(g["params"]) for g in saved]
-        if sizes != list(self.layout.group_sizes):
-            raise ValueError(
-                f"the saved param groups hold {sizes} parameters, this optimizer's {list(self.layout.group_sizes)}; "
-                "build the optimizer over the same model and groups as the one saved"
-            )
-        for group, old in zip(self.param_groups, saved):
-            new = {k: tuple(old[k]) if k == "betas" else old[k] for k in HYPER}
-            _check_group(new)
-            group.update(new)
-
     def _load_sharded(self, meta: dict[str, Any], state: dict[str, Tensor]) -> None:
         here = {"world_size": self.comm.size, "rank": self.comm.rank, "shapes": [tuple(s) for s in self.layout.shapes]}
         if any(meta[k] != v for k, v in here.items()):
@@ -307,17 +285,3 @@ class ZeroOffloadOptimizer(torch.optim.Optimizer):
             self._master = None  # read from the parameters at the next step, whenever the model is loaded
         for name, mine in targets.items():
             scatter_(self.layout, self.comm.rank, per_parameter(state, name, self.layout.shapes), mine)
-
-
-def _check_group(group: dict[str, Any]) -> None:
-    """torch.optim.AdamW's ranges, with the value and the fix in the message."""
-
-    def number(value: Any) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0  # also rejects NaN
-
-    for name in ("lr", "eps", "weight_decay"):
-        if not number(group[name]):
-            raise ValueError(f"{name} must be a float >= 0, got {group[name]!r}")
-    betas = group["betas"]
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(number(b) and b < 1 for b in betas)):
-        raise ValueError(f"betas must be two floats in [0, 1), e.g. (0.9, 0.999); got {betas!r}")

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from distrib import DistributedDataParallel
-from distrib.buckets import Reducer
+from distrib.ddp.buckets import Reducer
 
+pytestmark = pytest.mark.mpi  # pytest-mpi's mark: `mpiexec -n N python -m pytest --with-mpi tests/ranks`
 TINY_MB = 1e-6  # every parameter closes its own bucket
 ALGORITHMS = ["naive", "ring", "native"]  # the ones every backend has
 
@@ -141,9 +142,8 @@ def test_find_unused_parameters(comm, as_view):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.mpi(min_size=2)
 def test_parameter_used_on_one_rank_only_is_an_error_not_a_hang(comm):
-    if comm.size == 1:
-        pytest.skip("needs two ranks")
     ddp = DistributedDataParallel(Branchy(with_c=False), comm=comm)
     x, y = batch(comm.rank)
     start = time.monotonic()
@@ -182,9 +182,8 @@ def test_buffers_follow_rank_0(comm):
     assert plain.module[1].running_mean.tolist() == [float(comm.rank)] * 6
 
 
+@pytest.mark.mpi(min_size=2)
 def test_model_that_differs_across_ranks_is_named_at_construction(comm):
-    if comm.size == 1:
-        pytest.skip("needs two ranks")
     last = comm.size - 1
     model = nn.Sequential(nn.Linear(5, 4), nn.Linear(4 + (comm.rank == last), 3))
     start = time.monotonic()

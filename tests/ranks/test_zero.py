@@ -17,6 +17,7 @@ from torch import nn
 from distrib.comm.local import LocalCommunicator
 from distrib.zero import ZeroOffloadOptimizer
 
+pytestmark = pytest.mark.mpi  # pytest-mpi's mark: `mpiexec -n N python -m pytest --with-mpi tests/ranks`
 GLOBAL_BATCH = 24  # divides by 1, 2, 3 and 4 ranks, and each rank's slice by 2 micro-batches
 STEPS = 20
 LR = 1e-2

@@ -1,0 +1,47 @@
+"""ZeRO's param groups: torch.optim.AdamW's ranges checked, and the groups as a state dict holds them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+HYPER = ("lr", "betas", "eps", "weight_decay")
+# torch.optim.AdamW's own group keys, so a consolidated state dict loads there as it is.
+TORCH_GROUP = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False, "differentiable": False}
+
+
+def check_group(group: dict[str, Any]) -> None:
+    """torch.optim.AdamW's ranges, with the value and the fix in the message."""
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0  # also rejects NaN
+
+    for name in ("lr", "eps", "weight_decay"):
+        if not number(group[name]):
+            raise ValueError(f"{name} must be a float >= 0, got {group[name]!r}")
+    betas = group["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(number(b) and b < 1 for b in betas)):
+        raise ValueError(f"betas must be two floats in [0, 1), e.g. (0.9, 0.999); got {betas!r}")
+
+
+def groups_out(param_groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The groups' hyperparameters with parameter indices counted across groups, as torch.optim saves them."""
+    groups, first = [], 0
+    for group in param_groups:
+        count = len(group["params"])
+        groups.append({**{k: group[k] for k in HYPER}, "params": list(range(first, first + count))})
+        first += count
+    return groups
+
+
+def load_groups(param_groups: list[dict[str, Any]], saved: list[dict[str, Any]]) -> None:
+    """Take the saved groups' hyperparameters, once their sizes match these groups' and their values check."""
+    sizes, here = [len(g["params"]) for g in saved], [len(g["params"]) for g in param_groups]
+    if sizes != here:
+        raise ValueError(
+            f"the saved param groups hold {sizes} parameters, this optimizer's {here}; "
+            "build the optimizer over the same model and groups as the one saved"
+        )
+    for group, old in zip(param_groups, saved):
+        new = {k: tuple(old[k]) if k == "betas" else old[k] for k in HYPER}
+        check_group(new)
+        group.update(new)
