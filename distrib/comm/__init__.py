@@ -1,4 +1,4 @@
-"""Collectives, and nothing else: one Communicator interface, small backends, algorithms over any of them."""
+"""Collectives, and nothing else: one Communicator interface, small transports, algorithms over any of them."""
 
 from distrib.comm.algorithms import ALGORITHMS
 from distrib.comm.base import Communicator
