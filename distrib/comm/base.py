@@ -16,9 +16,11 @@ from typing import Any
 
 import torch
 
+from distrib.comm import auto
 from distrib.comm.algorithms import ALGORITHMS, TABLE, naive_allgather_
 from distrib.comm.contract import CollectiveError, check_tensor, env_timeout
 from distrib.comm.engine import Engine, Handle, observed
+from distrib.comm.topology import Topology, place
 from distrib.comm.transport import Transport
 
 VERIFY_CALLS = 8  # the first collectives of each communicator check shapes across ranks (DISTRIB_VERIFY=all: every one)
@@ -41,6 +43,8 @@ class Communicator(Transport):
         # Called as observer(name, queued_ns, started_ns, finished_ns, info) after every collective, on the thread
         # that ran it; distrib.trace sets it while recording.
         self.observer: Callable[[str, int, int, int, dict[str, Any]], None] | None = None
+        self._topology: Topology | None = None  # which ranks share a host, found on first need (_hosts)
+        self._groups: dict[Topology, tuple[Communicator, Communicator]] = {}  # the hierarchical algorithm's splits
 
     @property
     def blocked_seconds(self) -> float:
@@ -79,12 +83,13 @@ class Communicator(Transport):
         algorithm = self.check_algorithm(algorithm or self.algorithm)
 
         def job() -> torch.Tensor:
-            self._verify("allreduce", t, op, algorithm)
+            chosen = self._pick(algorithm, nbytes)
+            self._verify("allreduce", t, op, chosen)
             if self.size == 1 or t.numel() == 0:
                 return t
             work = self._staged(t)
             flat = work if work.dim() == 1 else work.view(-1)
-            TABLE[algorithm].allreduce(self, flat, "sum" if op == "avg" else op)
+            TABLE[chosen].allreduce(self, flat, "sum" if op == "avg" else op)
             if op == "avg":
                 flat.div_(self.size)
             if work is not t:
@@ -116,11 +121,12 @@ class Communicator(Transport):
             )
 
         def job() -> torch.Tensor:
-            self._verify("reduce_scatter", t, op, algorithm)
+            chosen = self._pick(algorithm, nbytes)
+            self._verify("reduce_scatter", t, op, chosen)
             if self.size == 1:
                 return t
             work = self._staged(t)
-            shard = TABLE[algorithm].reduce_scatter(self, work.view(-1), "sum" if op == "avg" else op)
+            shard = TABLE[chosen].reduce_scatter(self, work.view(-1), "sum" if op == "avg" else op)
             if op == "avg":
                 shard.div_(self.size)
             return shard.view(t.shape[0] // self.size, *t.shape[1:]).to(t.device)
@@ -150,7 +156,8 @@ class Communicator(Transport):
             )
 
         def job() -> torch.Tensor:
-            self._verify("allgather", t, "", algorithm)
+            chosen = self._pick(algorithm, nbytes)
+            self._verify("allgather", t, "", chosen)
             work = self._staged(out, copy_in=False)
             flat = work.view(-1)
             part = t.numel()
@@ -158,7 +165,7 @@ class Communicator(Transport):
             if mine.data_ptr() != t.data_ptr() or t.device != work.device or not t.is_contiguous():
                 mine.copy_(t.reshape(-1))
             if self.size > 1 and part:
-                TABLE[algorithm].allgather(self, flat)
+                TABLE[chosen].allgather(self, flat)
             if work is not out:
                 out.copy_(work)
             return out
@@ -210,6 +217,16 @@ class Communicator(Transport):
         if algorithm == "shm" and (why := self._shm_unavailable()):
             raise ValueError(f"algorithm 'shm' {why}; use 'ring' or 'native'")
         return algorithm
+
+    def _pick(self, algorithm: str, nbytes: int) -> str:
+        """The algorithm a call runs: "auto" becomes the one the cost model predicts fastest (see comm/auto.py)."""
+        return auto.choose(self, nbytes) if algorithm == "auto" and self.size > 1 else algorithm
+
+    def _hosts(self) -> Topology:
+        """Which ranks share a host. Collective the first time: call it inside a collective, where every rank does."""
+        if self._topology is None:
+            self._topology = Topology.of(self._allgather_object(place()))
+        return self._topology
 
     def _run(
         self, job: Callable[[], Any], async_op: bool, name: str, label: Mapping[str, Any] | None = None, **info: Any

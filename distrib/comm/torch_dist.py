@@ -44,15 +44,21 @@ class TorchCommunicator(Communicator):
         local_rank: int = 0,
         timeout: float | None = None,
         algorithm: str = "native",
+        group: dist.ProcessGroup | None = None,
+        members: list[int] | None = None,
     ) -> None:
         """Meet the other ranks at `store`, or else at rank 0's `master` (host, port) as torch's tcp:// does
-        (under torchrun, through its agent's store); a world of one needs neither."""
+        (under torchrun, through its agent's store); a world of one needs neither. `group` (of the default
+        group's ranks `members`, this one being `rank` among them): a sub-communicator made by split()."""
         self.backend = backend
         super().__init__(rank, size, timeout=timeout, algorithm=algorithm)
+        self._group, self._members = group, members or list(range(size))
         if backend == "nccl":
             self.device = torch.device("cuda", local_rank)
             self.devices = ("cuda",)
             torch.cuda.set_device(self.device)
+        if group is not None:
+            return
         if not dist.is_initialized():
             if store is None and size == 1:
                 store = dist.HashStore()  # one process: nothing to meet
@@ -74,8 +80,9 @@ class TorchCommunicator(Communicator):
     def post(
         self, sends: Sequence[tuple[torch.Tensor, int]] = (), recvs: Sequence[tuple[torch.Tensor, int]] = ()
     ) -> Pending:
-        ops = [dist.P2POp(dist.irecv, t, src) for t, src in recvs]
-        ops += [dist.P2POp(dist.isend, t, dst) for t, dst in sends]
+        to, group = self._members, self._group  # torch names peers by their rank in the default group
+        ops = [dist.P2POp(dist.irecv, t, to[src], group) for t, src in recvs]
+        ops += [dist.P2POp(dist.isend, t, to[dst], group) for t, dst in sends]
         peers = [src for _, src in recvs] + [dst for _, dst in sends]
         return list(zip(dist.batch_isend_irecv(ops), peers)) if ops else []
 
@@ -97,28 +104,50 @@ class TorchCommunicator(Communicator):
         self.wait_all([(work, -1)], f"{self.backend} {what}")
 
     def _native_allreduce(self, flat: torch.Tensor, op: str) -> None:
-        self._wait(dist.all_reduce(flat, op=_OPS[op], async_op=True), "allreduce")
+        self._wait(dist.all_reduce(flat, op=_OPS[op], group=self._group, async_op=True), "allreduce")
 
     def _native_reduce_scatter(self, flat: torch.Tensor, out: torch.Tensor, op: str) -> None:
         if self.backend == "gloo":  # gloo has no reduce_scatter: reduce everything, keep our part
             self._native_allreduce(flat, op)
             out.copy_(flat[self.rank * out.numel() : (self.rank + 1) * out.numel()])
             return
-        self._wait(dist.reduce_scatter_tensor(out, flat, op=_OPS[op], async_op=True), "reduce_scatter")
+        self._wait(
+            dist.reduce_scatter_tensor(out, flat, op=_OPS[op], group=self._group, async_op=True), "reduce_scatter"
+        )
 
     def _native_allgather(self, shard: torch.Tensor, out: torch.Tensor) -> None:
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.10+
-        self._wait(gather(out, shard.clone(), async_op=True), "allgather")
+        self._wait(gather(out, shard.clone(), group=self._group, async_op=True), "allgather")
 
     def _native_broadcast(self, t: torch.Tensor, root: int) -> None:
-        self._wait(dist.broadcast(t, src=root, async_op=True), f"broadcast from rank {root}")
+        self._wait(
+            dist.broadcast(t, src=self._members[root], group=self._group, async_op=True), f"broadcast from rank {root}"
+        )
 
     def _native_barrier(self) -> None:
         token = torch.zeros(1, device=self.device)
         self._native_allreduce(token, "sum")  # an allreduce, because gloo's barrier ignores wait timeouts
 
+    def split(self, color: int, key: int) -> TorchCommunicator:
+        """Every rank makes every group (torch's new_group is collective over the default group), in color order."""
+        everyone = self._allgather_object((color, key, self.rank))
+        mine = None
+        for c in sorted({c for c, _, _ in everyone}):
+            ranks = [r for _, _, r in sorted(e for e in everyone if e[0] == c)]  # by key, then by rank
+            members = [self._members[r] for r in ranks]
+            group = dist.new_group(members, timeout=timedelta(seconds=self.timeout))
+            if c == color:
+                mine = TorchCommunicator(
+                    self.backend, ranks.index(self.rank), len(ranks), timeout=self.timeout, group=group,
+                    members=members, local_rank=self.device.index or 0,
+                )  # fmt: skip
+        return mine
+
     def close(self) -> None:
         if not dist.is_initialized():
+            return
+        if self._group is not None:
+            dist.destroy_process_group(self._group)
             return
         dist.destroy_process_group()
         # gloo's worker threads let go of a finished collective's tensors a moment after wait() returns, and that
