@@ -59,6 +59,16 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
+    return value
+
+
 def parser(description: str | None = None) -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     builtin = ", ".join(tasks.BUILTIN)
@@ -77,6 +87,14 @@ def parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--allreduce", choices=ALGORITHMS, default="native", help="the gradient allreduce")
     p.add_argument("--timeout", type=_positive(float), default=None, help="seconds a collective waits for a peer")
     p.add_argument("--zero-offload", action="store_true", help="ZeRO-Offload: sharded Adam(W) steps on the CPU")
+    p.add_argument(
+        "--sync-every", type=_positive(int), default=None, metavar="H",
+        help="local SGD / DiLoCo: H steps on each rank's own gradients, then the outer step on the averaged deltas",
+    )  # fmt: skip
+    p.add_argument("--outer-lr", type=_positive(float), default=0.7, help="with --sync-every: the outer SGD's lr")
+    p.add_argument(
+        "--outer-momentum", type=_fraction, default=0.9, help="with --sync-every: the outer Nesterov momentum (0: none)"
+    )
     p.add_argument("--data", type=Path, default=None, help="(inputs, labels) saved by torch.save, for --task classify")
     p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/TASK-TIME)")
     p.add_argument(
@@ -108,6 +126,10 @@ def parse(argv: list[str] | None, description: str | None = None) -> tuple[argpa
         fail("argument --resume: name the run to continue, as --out RUN_DIR or --resume RUN_DIR")
     if args.tensorboard is not None and importlib.util.find_spec("tensorboard") is None:
         fail("argument --tensorboard: needs the tensorboard package; pip install tensorboard")
+    if args.zero_offload and args.sync_every:
+        fail(
+            "argument --sync-every: local SGD steps each rank's own optimizer; it does not combine with --zero-offload"
+        )
     if args.zero_offload and args.optimizer not in ("adam", "adamw"):
         fail(f"argument --zero-offload: shards Adam and AdamW only, not --optimizer {args.optimizer}")
     return args, task
@@ -130,5 +152,5 @@ def _task(args: argparse.Namespace) -> tasks.Task:
 
 def settings(args: argparse.Namespace) -> dict[str, object]:
     """What a resumed run must share with the one that wrote the checkpoint, for the data position to hold."""
-    keys = ("task", "batch_size", "accumulation_steps", "seed", "optimizer")
+    keys = ("task", "batch_size", "accumulation_steps", "seed", "optimizer", "sync_every")
     return {f"--{k.replace('_', '-')}": getattr(args, k) for k in keys}

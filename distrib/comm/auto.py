@@ -155,16 +155,23 @@ def fastest(model: dict, options: Iterable[str], nbytes: float, hosts: int, per_
     return min(known, key=known.__getitem__) if known else "native"
 
 
+def options(hosts: int, per_host: int, *, even: bool = True, shm: bool = False) -> list[str]:
+    """What can run on `hosts` hosts of `per_host` ranks: hierarchical on several even hosts of several ranks (else
+    it is one of the others), shm on one host where the transport offers it."""
+    found = ["native", "naive", "ring", "halving_doubling"]
+    if even and hosts > 1 and per_host > 1:
+        found.append("hierarchical")
+    if shm and hosts == 1:
+        found.append("shm")
+    return found
+
+
 def choose(comm, nbytes: int) -> str:
     """The algorithm for a collective of `nbytes` on `comm`, from rank-independent inputs only."""
     topo = comm._hosts()
     hosts = len(topo.hosts)
-    options = ["native", "naive", "ring", "halving_doubling"]
-    if topo.even and hosts > 1 and topo.per_host > 1:
-        options.append("hierarchical")
-    if hosts == 1 and not comm._shm_unavailable():
-        options.append("shm")
-    return fastest(load(os.environ.get(ENV, "")), options, nbytes, hosts, topo.per_host, comm.backend)
+    allowed = options(hosts, topo.per_host, even=topo.even, shm=not comm._shm_unavailable())
+    return fastest(load(os.environ.get(ENV, "")), allowed, nbytes, hosts, topo.per_host, comm.backend)
 
 
 @functools.lru_cache(maxsize=8)
