@@ -17,7 +17,6 @@ import datetime
 import json
 import os
 import shlex
-import socket
 import statistics
 import sys
 import time
@@ -28,6 +27,7 @@ import torch
 
 import distrib
 from benchmarks.common import human_bytes, machine, parse_bytes, print_table, save_figure, subplots
+from distrib.comm.topology import place
 from distrib.env import read_world
 
 PEER = "peer"  # the algorithm name of the library's own allreduce, called without distrib
@@ -38,6 +38,7 @@ COLUMNS |= {"min_us": ".1f", "max_us": ".1f", "algbw_gbps": ".2f", "busbw_gbps":
 COLUMNS |= {"of_copy": ".2f"}
 
 COLORS = {PEER: "black", "naive": "tab:blue", "ring": "tab:orange", "native": "tab:green", "shm": "tab:red"}
+COLORS |= {"halving_doubling": "tab:purple", "hierarchical": "tab:brown", "auto": "tab:gray"}
 LINES = {"mpi": "-", "gloo": "--", "nccl": "-."}  # plots: a color per algorithm, a line style per backend
 
 Call = Callable[[torch.Tensor], object]
@@ -173,14 +174,17 @@ def measure(comms: dict, calls: dict, nbytes: int, dtype: torch.dtype, warmup: i
     return slowest(main, times)
 
 
-def rows(times: dict[tuple, list], nbytes: int, dtype: torch.dtype, n: int, limits: dict[str, float]) -> list[dict]:
+def rows(
+    times: dict[tuple, list], nbytes: int, dtype: torch.dtype, n: int, hosts: int, limits: dict[str, float]
+) -> list[dict]:
     """One row per subject: nccl-tests' columns, the ratio to its backend's peer, and to the copy bandwidth."""
     out = []
     for (backend, algorithm), seconds in times.items():
         median = statistics.median(seconds)
         algbw = nbytes / median / 1e9
         busbw = algbw * 2 * (n - 1) / n
-        row = {"backend": backend, "algorithm": algorithm, "ranks": n, "bytes": nbytes, "size": human_bytes(nbytes)}
+        row = {"backend": backend, "algorithm": algorithm, "ranks": n, "hosts": hosts, "bytes": nbytes}
+        row["size"] = human_bytes(nbytes)
         row |= {"count": nbytes // dtype.itemsize, "dtype": str(dtype).removeprefix("torch."), "time_us": median * 1e6}
         row |= {"min_us": min(seconds) * 1e6, "max_us": max(seconds) * 1e6, "calls": len(seconds)}
         row |= {"algbw_gbps": algbw, "busbw_gbps": busbw, "of_copy": busbw / limits[device_of(backend).type]}
@@ -234,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     main = next(iter(comms.values()))
     backends = backends or [main.backend]
     n, info = main.size, machine()
-    hosts = main.allgather_object(socket.gethostname())
+    hosts = main.allgather_object(place())  # hostname and network namespace: a namespace host counts as one
     local = hosts.count(hosts[main.rank])
     if "OMP_NUM_THREADS" not in os.environ:  # ranks on one host share its cores
         torch.set_num_threads(max(1, info["cores"] // local))
@@ -271,7 +275,8 @@ def main(argv: list[str] | None = None) -> None:
             if nbytes < dtype.itemsize:
                 continue
             iters = max(args.iters, min(20 * args.iters, (16 << 20) // nbytes))
-            size_rows = rows(measure(comms, calls, nbytes, dtype, args.warmup, iters), nbytes, dtype, n, limits)
+            timed = measure(comms, calls, nbytes, dtype, args.warmup, iters)
+            size_rows = rows(timed, nbytes, dtype, n, len(set(hosts)), limits)
             if main.rank == 0:
                 print_table(f"{human_bytes(nbytes)} {name}, {iters} timed calls", size_rows, COLUMNS)
             table += size_rows
