@@ -177,3 +177,22 @@ def test_shaped_benchmark_runs_on_namespace_hosts(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert {(r["layout"], r["algorithm"]) for r in rows} >= {("2x1", "ring"), ("1x2", "shm"), ("2x1", "hierarchical")}
     assert all(r["time_us"] > 0 and r["repeats"] == 1 for r in rows) and figure.stat().st_size > 10_000
+
+
+@pytest.mark.heavy
+def test_diloco_benchmark_runs_on_namespace_hosts(tmp_path):
+    """A smoke run: one width, one epoch of 100 steps, every variant once; a curve for each, and a plot."""
+    from tests import netns
+
+    if (reason := netns.unavailable(shaped=True)) is not None:
+        pytest.skip(reason)
+    out, figure = tmp_path / "diloco.json", tmp_path / "diloco.png"
+    args = ["-m", "benchmarks.diloco", "--widths", "128", "--epochs", "1", "--repeats", "1"]
+    result = run([sys.executable, *args, "--json", str(out), "--plot", str(figure)], timeout=400)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert [r["variant"] for r in data["runs"]] == ["ddp", "diloco-h10", "diloco-h50"]
+    assert all(len(r["curve"]) == 2 and r["steps"] == 100 for r in data["runs"]), data["runs"]
+    by = {r["variant"]: r["bytes_per_step"] for r in data["summary"]}
+    assert by["ddp"] > 9 * by["diloco-h10"] > 4 * by["diloco-h50"]  # a sync every 10 or 50 steps instead of each
+    assert figure.stat().st_size > 10_000
