@@ -92,3 +92,11 @@ def test_a_saved_model_loads(tmp_path):
     path.write_text(json.dumps({"algorithms": model, "link": "anything else is ignored"}))
     assert auto.load(str(path)) == model
     assert auto.predict(model, "ring", 1e6, 1, 2) == pytest.approx(2 * 1e-5 + 1 * 1e6 * 2e-10)
+
+
+def test_mpich_native_on_hosts_of_several_ranks_goes_through_one_leader_a_host():
+    """2 hosts of 2: a reduce to the leader (one step of N inside), halving-doubling between the 2 leaders (2 steps
+    of N/2 through the link), a broadcast inside (one step of N); gloo's native is a ring."""
+    assert auto.shape("native", 2, 2, "mpi") == auto.Shape(a_intra=2, b_intra=2, a_inter=2, b_inter=1)
+    assert auto.shape("native", 2, 2, "gloo") == auto.shape("ring", 2, 2)
+    assert auto.shape("native", 4, 1, "mpi") == auto.shape("halving_doubling", 4, 1)

@@ -18,6 +18,7 @@ import torch
 from distrib.comm.local import LocalCommunicator
 from tests import netns
 from tests.hostjobs import finish, job_env, start
+from tests.launching import ROOT
 from tests.scripts.two_hosts_train import train
 
 TRAIN = "tests/scripts/two_hosts_train.py"
@@ -107,3 +108,21 @@ def test_torchrun_per_host_gloo_on_shaped_links(tmp_path):
     weights = torch.load(out)
     for name, value in reference.items():
         torch.testing.assert_close(weights[name], value, rtol=1e-6, atol=1e-7, msg=name)
+
+
+SAVED = ROOT / "benchmarks/results/cost_model.json"  # python -m benchmarks.model ... --save, from shaped runs
+
+
+@pytest.mark.skipif(not SAVED.exists(), reason="no saved fit: run benchmarks.shaped, then benchmarks.model --save")
+def test_auto_picks_what_the_saved_fit_says(shaped, tmp_path):
+    """The job finds its hosts in the namespaces and picks, at each measured size, what the fit chose for them."""
+    layout, made = shaped
+    hosts, per_host, _ = LAYOUTS[layout]
+    expected = {int(size): name for size, name in json.loads(SAVED.read_text())["choices"][layout].items()}
+    log = tmp_path / "job.log"
+    launch = [sys.executable, "-m", "launch", "-n", str(hosts * per_host), "--hosts", made.hosts_arg(per_host)]
+    script = ["python", TRAIN, "mpi", str(tmp_path / "w.pt"), "--steps", "1", "--picks", *map(str, expected)]
+    proc = start([*made.exec_prefix(0), *launch, "--", *script], job_env(made, DISTRIB_COST_MODEL=str(SAVED)), log)
+    (text,) = finish([proc], [log], JOB_SECONDS)
+    assert proc.returncode == 0, text[-4000:]
+    assert {int(size): name for size, name in re.findall(r"auto (\d+) -> (\w+)", text)} == expected

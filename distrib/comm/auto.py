@@ -110,6 +110,26 @@ def _halving_doubling(groups: list[list[int]], part: float) -> list[tuple[int, F
     return steps
 
 
+def _tree(ranks: list[int], inward: bool) -> list[tuple[int, Flows]]:
+    """A binomial tree over `ranks` rooted at the first: a reduce (inward) or a broadcast of the whole tensor."""
+    steps, d = [], 1
+    while d < len(ranks):
+        pairs = [(ranks[i + d], ranks[i], 1.0) for i in range(0, len(ranks) - d, 2 * d)]
+        steps.append((1, pairs if inward else [(dst, src, part) for src, dst, part in pairs]))
+        d *= 2
+    return steps if inward else steps[::-1]
+
+
+def _leaders(hosts: int, per_host: int) -> list[tuple[int, Flows]]:
+    """Reduce to each host's first rank, halving-doubling among those leaders, broadcast inside each host."""
+    inside = [list(range(h * per_host, (h + 1) * per_host)) for h in range(hosts)]
+    reduce = [
+        (1, [f for ranks in inside for f in _tree(ranks, True)[k][1]]) for k in range(len(_tree(inside[0], True)))
+    ]
+    spread = [(1, [f for ranks in inside for f in _tree(ranks, False)[k][1]]) for k in range(len(reduce))]
+    return reduce + _halving_doubling([[ranks[0] for ranks in inside]], 1.0) + spread
+
+
 @functools.lru_cache(maxsize=256)
 def shape(algorithm: str, hosts: int, per_host: int, backend: str = "mpi") -> Shape:
     """The allreduce schedule's cost of `algorithm` on `hosts` hosts of `per_host` ranks each."""
@@ -119,6 +139,8 @@ def shape(algorithm: str, hosts: int, per_host: int, backend: str = "mpi") -> Sh
         return Shape()
     if algorithm == "native":  # what the library runs for large tensors: MPICH halving-doubling, gloo/NCCL rings
         algorithm = "halving_doubling" if backend == "mpi" else "ring"
+        if backend == "mpi" and hosts > 1 and per_host > 1:  # MPICH's node-aware composition: a host leader each
+            return _account(_leaders(hosts, per_host), per_host)
     if algorithm == "ring":
         steps = _ring(world, 1 / n, 2 * (n - 1))
     elif algorithm == "halving_doubling":
