@@ -1,15 +1,16 @@
 """Time to a target validation loss on slow links: DDP against DiLoCo (local SGD, H = 10 and 50), 4 hosts x 1 rank.
 
-    python -m benchmarks.diloco [--gbit 1] [--delay-us 100] [--widths 128 1024] [--repeats 2] [--target 0.2]
+    python -m benchmarks.diloco [--gbit 1] [--delay-us 100] [--widths 128 1024] [--repeats 2] [--targets 0.2 0.1]
         [--json FILE] [--plot FILE.png]
 
 The default task's data (classify: 8-d points, 8 classes; 12,800 training points so that an epoch is 100 global
 batches of 128) and its MLP, at the default width of 128 hidden units (18K parameters, a 72 KB gradient) and
 widened (1024: 1.1M parameters, 4.3 MB), so that sending the gradient is a cost worth saving. Every variant uses
 Adam at lr 3e-3 on each rank; DDP averages gradients every step, DiLoCo runs H steps per rank and then the outer
-Nesterov SGD (lr 0.7, momentum 0.9) on the averaged deltas. Validation every 50 steps (when every variant is in
-sync) is not timed. Runs are interleaved: every variant once, then again. Bytes per step: what a rank sends by
-the analysis (a ring sends 2(n-1)/n of the tensor), and what host 0's link carried, measured.
+Nesterov SGD (lr 0.7, momentum 0.9) on the averaged deltas. Validation (not timed) is of the one model the
+ranks share: every 10 steps for DDP, after every sync (every H steps) for DiLoCo. Runs are interleaved: every
+variant once, then again. Bytes per step: what a rank sends by the analysis (a ring sends 2(n-1)/n of the
+tensor), and what host 0's link carried, measured.
 
 Needs root (network namespaces) and tc: the hosts and links of tests/netns.py.
 """
@@ -28,14 +29,14 @@ from pathlib import Path
 
 from benchmarks.common import RESULTS, machine, print_table, save_figure, subplots
 
-EVAL_EVERY = 50  # steps; a multiple of every H, and an epoch (100 steps) a multiple of it
+EVAL_EVERY = 10  # DDP's steps between validations; DiLoCo validates at its syncs. An epoch is 100 steps.
 VARIANTS = {"ddp": None, "diloco-h10": 10, "diloco-h50": 50}
 HOSTS = 4
 RUN_SECONDS = 600
 
 
 def worker(variant: str, width: int, epochs: int, out: Path) -> None:
-    """One rank of one run: train, validate every EVAL_EVERY steps, rank 0 writes the curve to `out`."""
+    """One rank of one run: train, validate whenever the ranks share one model, rank 0 writes the curve to `out`."""
     import torch
     from torch import nn
 
@@ -60,7 +61,7 @@ def worker(variant: str, width: int, epochs: int, out: Path) -> None:
 
     def on_step(info: dict) -> None:
         clock["steps"] += 1
-        if clock["steps"] % EVAL_EVERY:
+        if clock["steps"] % (VARIANTS[variant] or EVAL_EVERY):
             return
         began = time.perf_counter()
         stats = validate(task, {"model": model}, comm)
@@ -102,30 +103,29 @@ def time_to(curve: list[dict], target: float) -> float | None:
     return next((p["seconds"] for p in curve if p["val_loss"] <= target), None)
 
 
-def summarise(results: list[dict], widths: list[int], target: float) -> list[dict]:
-    """Per width and variant, medians over the repeats: time to the target, time per step, bytes per step."""
+def summarise(results: list[dict], widths: list[int], targets: list[float]) -> list[dict]:
+    """Per target, width and variant, medians over the repeats: time to the target, time per step, bytes per step."""
     summary = []
-    for width in widths:
-        for variant in VARIANTS:
-            mine = [r for r in results if (r["variant"], r["width"]) == (variant, width)]
-            reached = [t for r in mine if (t := time_to(r["curve"], target)) is not None]
-            row = {"width": width, "variant": variant, "runs": len(mine), "reached": len(reached)}
-            row["time_to_target_s"] = statistics.median(reached) if reached else None
-            row["ms_per_step"] = statistics.median(
-                r["curve"][-1]["seconds"] / r["curve"][-1]["step"] * 1e3 for r in mine
-            )
-            row["final_val_loss"] = statistics.median(r["curve"][-1]["val_loss"] for r in mine)
-            row["bytes_per_step"] = mine[0]["bytes_per_step"]
-            row["link_bytes_per_step"] = statistics.median(r["link_bytes_per_step"] for r in mine)
-            summary.append(row)
+    for target, width, variant in ((t, w, v) for t in targets for w in widths for v in VARIANTS):
+        mine = [r for r in results if (r["variant"], r["width"]) == (variant, width)]
+        reached = [s for r in mine if (s := time_to(r["curve"], target)) is not None]
+        row = {"target": target, "width": width, "variant": variant, "runs": len(mine), "reached": len(reached)}
+        row["time_to_target_s"] = statistics.median(reached) if reached else None
+        row["ms_per_step"] = statistics.median(r["curve"][-1]["seconds"] / r["curve"][-1]["step"] * 1e3 for r in mine)
+        row["final_val_loss"] = statistics.median(r["curve"][-1]["val_loss"] for r in mine)
+        row["bytes_per_step"] = mine[0]["bytes_per_step"]
+        row["link_bytes_per_step"] = statistics.median(r["link_bytes_per_step"] for r in mine)
+        summary.append(row)
     for row in summary:
-        ddp = next(r for r in summary if r["width"] == row["width"] and r["variant"] == "ddp")
+        ddp = next(
+            r for r in summary if (r["target"], r["width"], r["variant"]) == (row["target"], row["width"], "ddp")
+        )
         if row["time_to_target_s"] and ddp["time_to_target_s"]:
             row["speedup"] = ddp["time_to_target_s"] / row["time_to_target_s"]
     return summary
 
 
-def plot(results: list[dict], targets: dict[int, float], title: str, path: Path) -> None:
+def plot(results: list[dict], targets: list[float], title: str, path: Path) -> None:
     widths = sorted({r["width"] for r in results})
     fig, axes = subplots(1, len(widths), figsize=(5.5 * len(widths), 4.2), squeeze=False)
     colors = {"ddp": "black", "diloco-h10": "tab:orange", "diloco-h50": "tab:green"}
@@ -134,7 +134,8 @@ def plot(results: list[dict], targets: dict[int, float], title: str, path: Path)
             label = r["variant"] if r["repeat"] == 0 else None
             xs, ys = [p["seconds"] for p in r["curve"]], [p["val_loss"] for p in r["curve"]]
             ax.plot(xs, ys, marker="o", markersize=3, color=colors[r["variant"]], alpha=0.8, label=label)
-        ax.axhline(targets[width], linestyle="--", color="gray", label=f"target {targets[width]:g}")
+        for target in targets:
+            ax.axhline(target, linestyle="--", color="gray", linewidth=1)
         params = next(r["parameters"] for r in results if r["width"] == width)
         ax.set(xscale="log", yscale="log", xlabel="training seconds (validation not counted)", ylabel="val loss",
                title=f"MLP width {width} ({params / 1e6:.2g}M parameters)")  # fmt: skip
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gbit", type=float, default=1.0)
     parser.add_argument("--delay-us", type=float, default=100.0)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--target", type=float, default=0.2, help="validation loss to reach")
+    parser.add_argument("--targets", type=float, nargs="+", default=[0.2, 0.1], help="validation losses to reach")
     parser.add_argument("--json", type=Path, default=RESULTS / "diloco.json")
     parser.add_argument("--plot", type=Path, default=RESULTS / "diloco.png")
     args = parser.parse_args(argv)
@@ -176,19 +177,29 @@ def main(argv: list[str] | None = None) -> None:
                     loads.append({"variant": variant, "width": width, "start": load, "end": os.getloadavg()[0]})
                     print(f"repeat {repeat + 1}, width {width}, {variant}: load {load:.1f}", flush=True)
                     results.append(result)
-    summary = summarise(results, args.widths, args.target)
-    columns = {"width": "d", "variant": "", "runs": "d", "reached": "d", "time_to_target_s": ".2f", "speedup": ".2f"}
+    summary = summarise(results, args.widths, args.targets)
+    columns = {
+        "target": "g",
+        "width": "d",
+        "variant": "",
+        "runs": "d",
+        "reached": "d",
+        "time_to_target_s": ".2f",
+        "speedup": ".2f",
+    }
     columns |= {"ms_per_step": ".2f", "final_val_loss": ".4f", "bytes_per_step": ".0f", "link_bytes_per_step": ".0f"}
     print_table(
-        f"time to val loss {args.target} on {HOSTS} hosts x 1 rank, {link.describe()} (medians)", summary, columns
+        f"time to val loss {args.targets} on {HOSTS} hosts x 1 rank, {link.describe()} (medians)",
+        summary,
+        columns,
     )
     result = {"date": stamp, "command": "python -m benchmarks.diloco " + " ".join(argv or sys.argv[1:])}
-    result |= {"link": link.describe(), "target": args.target, "machine": machine(), "load_average": loads}
+    result |= {"link": link.describe(), "targets": args.targets, "machine": machine(), "load_average": loads}
     result |= {"summary": summary, "runs": results}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1) + "\n")
     title = f"DDP against DiLoCo, {HOSTS} hosts x 1 rank, {link.describe()}, {stamp[:10]}"
-    plot(results, dict.fromkeys(args.widths, args.target), title, args.plot)
+    plot(results, args.targets, title, args.plot)
     print(f"wrote {args.json} and {args.plot}")
 
 

@@ -181,7 +181,8 @@ def test_shaped_benchmark_runs_on_namespace_hosts(tmp_path):
 
 @pytest.mark.heavy
 def test_diloco_benchmark_runs_on_namespace_hosts(tmp_path):
-    """A smoke run: one width, one epoch of 100 steps, every variant once; a curve for each, and a plot."""
+    """A smoke run: one width, one epoch of 100 steps, every variant once; a curve for each (DDP validated every
+    10 steps, DiLoCo at each sync), and a plot."""
     from tests import netns
 
     if (reason := netns.unavailable(shaped=True)) is not None:
@@ -192,7 +193,7 @@ def test_diloco_benchmark_runs_on_namespace_hosts(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     data = json.loads(out.read_text())
     assert [r["variant"] for r in data["runs"]] == ["ddp", "diloco-h10", "diloco-h50"]
-    assert all(len(r["curve"]) == 2 and r["steps"] == 100 for r in data["runs"]), data["runs"]
-    by = {r["variant"]: r["bytes_per_step"] for r in data["summary"]}
+    assert [len(r["curve"]) for r in data["runs"]] == [10, 10, 2] and {r["steps"] for r in data["runs"]} == {100}
+    by = {r["variant"]: r["bytes_per_step"] for r in data["summary"] if r["target"] == 0.2}
     assert by["ddp"] > 9 * by["diloco-h10"] > 4 * by["diloco-h50"]  # a sync every 10 or 50 steps instead of each
     assert figure.stat().st_size > 10_000

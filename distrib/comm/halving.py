@@ -3,7 +3,8 @@
 Over p = 2^k ranks, step s of the reduce-scatter pairs each rank with the one whose rank differs in bit k-1-s: the
 two split the range they share, each sends the half it gives up and combines the half it keeps. After k steps
 participant j holds range j reduced; the allgather walks the same pairs backwards, each step doubling what a rank
-holds. 2 log2(p) messages on the critical path (a ring needs 2(p-1)), the same 2(p-1)/p of the tensor per rank.
+holds. 2 log2(p) messages on the critical path (a ring needs 2(p-1)), the same 2(p-1)/p of the tensor per rank;
+each exchange is cut in the ring's segments, so combining one overlaps the arrival of the next.
 
 Any other world size n is folded in first, as MPICH does: with p the largest power of two below n and rem = n - p,
 ranks 2i and 2i+1 (i < rem) pair up, the even one handing its tensor to the odd one, which takes part for both;
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from distrib.comm.arrays import chunks, combine_, empty
 from distrib.comm.contract import Array
+from distrib.comm.ring import scratch_for, send_and_combine
 from distrib.comm.transport import Transport
 
 
@@ -54,13 +56,11 @@ def _halve(comm: Transport, flat: Array, op: str, fold: _Fold, edges: list[int],
     while d:
         mid = lo + d
         (klo, khi), (slo, shi) = ((lo, mid), (mid, hi)) if j < mid else ((mid, hi), (lo, mid))
-        keep = flat[edges[klo] : edges[khi]]
-        if scratch is None:  # the first kept range holds every later one
-            scratch = empty(flat, len(keep))
-        landing = scratch[: len(keep)]
-        step = steps - d.bit_length() + 1
-        _exchange(comm, flat[edges[slo] : edges[shi]], landing, fold.players[j ^ d], f"{what} step {step}/{steps}")
-        combine_(keep, landing, op)
+        keep, give = flat[edges[klo] : edges[khi]], flat[edges[slo] : edges[shi]]
+        if scratch is None:  # the first step's ranges hold every later one's
+            scratch = scratch_for(flat, max(len(keep), len(give)))
+        peer, step = fold.players[j ^ d], steps - d.bit_length() + 1
+        send_and_combine(comm, give, keep, peer, peer, op, scratch, f"{what} step {step}/{steps}")
         lo, hi, d = klo, khi, d // 2
 
 
