@@ -5,9 +5,10 @@ of the fit, and extrapolated to 4096 ranks.
         [--hold-out-layouts 3x1 2x2] [--save FILE] [--json FILE] [--plot FILE.png]
 
 Each algorithm gets one (alpha, beta) per link: "intra" from the runs on one host, then "inter" from the runs
-across hosts with the intra figures held fixed, each a least-squares fit in relative error (a 4 KiB call counts as
-much as a 16 MiB one), kept non-negative. The schedules' counts come from distrib.comm.auto.shape, so the figures
-mean what algorithm="auto" reads. Rows of the held-out sizes and layouts are not fitted: their error says how well
+across hosts with the intra figures held fixed, each fitted to the relative error (a 4 KiB call counts as much as
+a 16 MiB one), absolute rather than squared so that the few runs a busy machine slowed down do not pull the line,
+and kept non-negative. The schedules' counts come from distrib.comm.auto.shape, so the figures mean what
+algorithm="auto" reads. Rows of the held-out sizes and layouts are not fitted: their error says how well
 the model predicts what it has not seen. --save writes the figures as DISTRIB_COST_MODEL reads them.
 """
 
@@ -41,15 +42,28 @@ def name(row: dict) -> str:
 
 
 def _fit_pair(design: np.ndarray, target: np.ndarray, measured: np.ndarray) -> tuple[float, float]:
-    """(alpha, beta), both >= 0, minimising sum(((design @ (alpha, beta) - target) / measured)^2): the relative
-    error of the whole prediction when `target` is what is left of `measured` once the fixed part is taken off."""
+    """(alpha, beta), both >= 0, minimising the sum of |design @ (alpha, beta) - target| / measured: the relative
+    error of the whole prediction when `target` is what is left of `measured` once the fixed part is taken off.
+
+    Absolute, not squared, errors (iteratively reweighted least squares): on a shared machine a few points run
+    several times slower than the rest, and squares would let them pull the line; the median error is the goal.
+    """
     weighted, rhs = design / measured[:, None], target / measured
-    coef = np.linalg.lstsq(weighted, rhs, rcond=None)[0]
-    if (coef < 0).any():  # a negative term is noise: fit the other alone
+    weights = np.ones(len(rhs))
+    for _ in range(50):
+        coef = _nonnegative(weighted * weights[:, None], rhs * weights)
+        weights = 1 / np.sqrt(np.maximum(np.abs(weighted @ coef - rhs), 1e-4))
+    return float(coef[0]), float(coef[1])
+
+
+def _nonnegative(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Least squares of a @ x = b with x >= 0, for two unknowns: where the free fit goes negative, the other alone."""
+    coef = np.linalg.lstsq(a, b, rcond=None)[0]
+    if (coef < 0).any():
         keep = int(np.argmax(coef))
         coef = np.zeros(2)
-        coef[keep] = max(np.linalg.lstsq(weighted[:, [keep]], rhs, rcond=None)[0][0], 0.0)
-    return float(coef[0]), float(coef[1])
+        coef[keep] = max(np.linalg.lstsq(a[:, [keep]], b, rcond=None)[0][0], 0.0)
+    return coef
 
 
 def fit(rows: list[dict], backend: str = "mpi") -> dict:

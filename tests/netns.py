@@ -6,7 +6,9 @@ addresses are used. The switch is one more namespace:
 - shaped (a `Link`): tests/wire.py relays packets between hosts after the link's delay, and tc shapes each host's
   rate both ways: tbf on the uplink for what the host sends, tbf on an ifb that the uplink's ingress is
   redirected to for what it receives, as a switch port would limit it.
-Names carry the pid and a counter, so parallel runs never meet; everything goes when the context ends, even when
+Frames are 64 KB (so the relay keeps up), and tbf lets one frame's worth pass at once: a message of up to a
+frame leaves without waiting its serialisation time, longer ones are paced at the rate. Names carry the pid and a
+counter, so parallel runs never meet; everything goes when the context ends, even when
 the test inside it fails, and `leftovers(cluster)` says whether anything stayed.
 """
 
