@@ -31,8 +31,11 @@ BAD = [
     (["--task", "imagenet"], "argument --task: unknown task 'imagenet': use one of classify"),
     (["--task", "no_such_module:make"], "argument --task: task 'no_such_module:make': cannot import"),
     (["--task", "distrib.tasks:no_such_factory"], "has no callable 'no_such_factory'"),
-    (["--task", "os:system"], "argument --task: task 'os:system': system is not a task factory: calling it with "
-     "seed=0 fails (missing a required argument: 'command'); a factory takes seed= and returns a Task"),  # fmt: skip
+    (
+        ["--task", "os:system"],
+        "argument --task: task 'os:system': system is not a task factory: calling it with "
+        "seed=0 fails (missing a required argument: 'command'); a factory takes seed= and returns a Task",
+    ),  # fmt: skip
     (["--task", "builtins:dict"], "argument --task: task 'builtins:dict' lacks phases, build, collect"),
 ]
 
