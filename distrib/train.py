@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     watch_rank()  # under MPICH, so that a rank killed by a signal is named; forks, so before torch starts threads
     args, task = options.parse(argv, __doc__)
     _share_cores()
+    _warn_of_shared_store()
     comm = _communicator(args)
     out = _run_dir(args, comm)
     models = task.build()
@@ -56,6 +57,17 @@ def _share_cores() -> None:
     """Ranks on one host share its cores: one rank's torch threads get its share, unless OMP_NUM_THREADS says."""
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // (read_world().local_size or 1)))
+
+
+def _warn_of_shared_store() -> None:
+    """torchrun restarts workers, but by default keeps one store for all attempts, where gloo and NCCL find the
+    addresses of the attempt before (pytorch/pytorch#135712): a restart may fail to connect, using up restarts."""
+    restarts = os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0"
+    if restarts and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and os.environ.get("RANK") == "0":
+        if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+            print("distrib: torchrun --max-restarts keeps one store for every attempt, so a restart may connect to "
+                  "the dead attempt's addresses (pytorch#135712): start torchrun with "
+                  "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", file=sys.stderr, flush=True)  # fmt: skip
 
 
 def _communicator(args: argparse.Namespace) -> distrib.Communicator:

@@ -87,3 +87,14 @@ def test_under_torchrun_the_line_comes_once_before_torchruns_report(argv, tmp_pa
     assert "rank      : 0 (local_rank: 0)" in cause and "exitcode  : 2" in cause, cause
     assert f"traceback : {lines[0]}" in cause, cause
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("shared", ["True", "False"])
+def test_torchrun_restarts_over_a_shared_store_are_warned_of(shared, monkeypatch, capsys):
+    """The variables torchrun --max-restarts 3 gives rank 0's first attempt, with its store shared or not."""
+    env = {"TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_RESTART_COUNT": "0", "RANK": "0"}
+    for name, value in (env | {"TORCHELASTIC_USE_AGENT_STORE": shared}).items():
+        monkeypatch.setenv(name, value)
+    train._warn_of_shared_store()
+    err = capsys.readouterr().err
+    assert ("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in err) == (shared == "True"), err
