@@ -1,19 +1,24 @@
 """Checkpoints written by a thread while training goes on (as torch.distributed.checkpoint's async_save).
 
 The state is copied at the step (tensors cloned to the CPU) on the training thread, which also does every
-collective part, in the same order on every rank; the thread only writes this rank's files. At most one is in
-flight: the next checkpoint, and the end of the run, first wait for it and publish it (the manifest agreed, the
-directory renamed into place), so a write that failed on any rank raises CheckpointError on every rank then.
-Until published, a checkpoint is a `.partial` directory that a resume never takes.
+collective part, in the same order on every rank; the thread does file I/O only. At most one is in flight: the
+next checkpoint first waits for it, and all ranks agree that its files are whole (the manifest's records); the
+next thread then renames it into place (rank 0) before writing its own files, so the fsyncs of publishing do
+not pause training either. A write or rename that failed on any rank raises CheckpointError on every rank at the
+next checkpoint, or at `finish()`, which publishes the last one itself. Until published, a checkpoint is a
+`.partial` directory that a resume never takes.
 """
 
 from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
+from distrib.checkpoint.agree import attempt, fail_together, on_rank0
 from distrib.checkpoint.state import TrainingState
-from distrib.checkpoint.writing import Pending, begin, publish
+from distrib.checkpoint.store import commit
+from distrib.checkpoint.writing import Pending, agree, begin, prefix
 from distrib.comm import Communicator
 
 
@@ -25,20 +30,43 @@ class BackgroundWriter:
         self._inflight: tuple[Pending, threading.Thread] | None = None
 
     def submit(self, state: TrainingState, directory: Path) -> None:
-        """Publish the previous checkpoint (waiting for its files), then copy `state` and start writing it."""
-        self.finish()
+        """Agree on the checkpoint in flight (waiting for its files), copy `state`, and start a thread that
+        publishes the previous one and writes this one."""
+        previous = self._agree()
         pending = begin(state, directory, self.comm, copy_state=True)
-        thread = threading.Thread(target=pending.write, name="distrib-checkpoint", daemon=True)
+
+        def work() -> None:
+            if previous is not None and self.comm.rank == 0:
+                done, manifest = previous
+                problem = attempt(lambda: commit(done.partial, done.final, manifest, self.keep, pending.partial))[1]
+                if problem:
+                    pending.problem = prefix(done.final) + problem
+                    return
+            pending.write()
+
+        thread = threading.Thread(target=work, name="distrib-checkpoint", daemon=True)
         thread.start()
         self._inflight = (pending, thread)
 
     def finish(self) -> Path | None:
-        """Wait for the checkpoint in flight (at most the collective timeout) and publish it; None if none was."""
+        """Wait for the checkpoint in flight and publish it now; None if there was none."""
+        agreed = self._agree()
+        if agreed is None:
+            return None
+        pending, manifest = agreed
+        problem = on_rank0(self.comm, lambda: commit(pending.partial, pending.final, manifest, self.keep))
+        fail_together(self.comm, problem, prefix(pending.final))
+        return pending.final
+
+    def _agree(self) -> tuple[Pending, dict[str, Any]] | None:
+        """Wait (at most the collective timeout) for the thread in flight; every rank raises the first problem,
+        or has the checkpoint's manifest."""
         if self._inflight is None:
             return None
         pending, thread = self._inflight
         self._inflight = None
         thread.join(self.comm.timeout)
         if thread.is_alive():  # a disk this slow would also time out a synchronous write's collectives
-            pending.problem = f"rank {self.comm.rank}'s files took more than {self.comm.timeout:g} s to write"
-        return publish(pending, self.comm, self.keep)
+            late = f"rank {self.comm.rank}'s files took more than {self.comm.timeout:g} s to write"
+            pending.problem = prefix(pending.final) + late
+        return pending, agree(pending, self.comm)

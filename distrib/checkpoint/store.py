@@ -118,8 +118,9 @@ def fresh_dir(path: Path) -> None:
     path.mkdir(parents=True)
 
 
-def commit(partial: Path, final: Path, manifest: dict[str, Any], keep: int) -> None:
-    """Manifest last, then the directory renamed into place (replacing a same-step one), then old ones pruned."""
+def commit(partial: Path, final: Path, manifest: dict[str, Any], keep: int, writing: Path | None = None) -> None:
+    """Manifest last, then the directory renamed into place (replacing a same-step one), then old ones pruned,
+    with the leftovers of runs that died while writing, but not `writing` (the next one, begun already)."""
     atomic.write_text(partial / "manifest.json", json.dumps(manifest, indent=1))
     if final.exists():  # the same step saved again (e.g. at an epoch's end after a resume)
         old = final.with_name(final.name + ".old")
@@ -130,7 +131,7 @@ def commit(partial: Path, final: Path, manifest: dict[str, Any], keep: int) -> N
     for stale in _checkpoints(final.parent)[keep:]:
         shutil.rmtree(stale, ignore_errors=True)
     for leftover in final.parent.glob("step-*.*"):
-        if leftover.suffix in (".partial", ".old") and leftover != partial:
+        if leftover.suffix in (".partial", ".old") and leftover != writing:
             shutil.rmtree(leftover, ignore_errors=True)
 
 

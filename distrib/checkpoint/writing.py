@@ -42,8 +42,8 @@ class Pending:
         def write_all() -> dict[str, atomic.Record]:
             return {name: atomic.write(self.partial / name, obj) for name, obj in self.contents.items()}
 
-        self.written, self.problem = attempt(write_all)
-        self.written = self.written or {}
+        written, problem = attempt(write_all)
+        self.written, self.problem = written or {}, problem and prefix(self.final) + problem
 
 
 def save(state: TrainingState, directory: Path, comm: Communicator, keep: int) -> Path:
@@ -57,7 +57,7 @@ def begin(state: TrainingState, directory: Path, comm: Communicator, copy_state:
     """Every rank at once: rank 0 makes the `.partial` directory, the epoch's loss sums are summed over ranks, and
     this rank's files' contents are taken; `copy_state` clones every tensor to the CPU, so training may go on."""
     final = directory / step_name(state.progress.total)
-    fail_together(comm, on_rank0(comm, lambda: fresh_dir(final.with_name(final.name + ".partial"))), _prefix(final))
+    fail_together(comm, on_rank0(comm, lambda: fresh_dir(final.with_name(final.name + ".partial"))), prefix(final))
     sums = state.progress.loss_sums
     sums = comm.allreduce(sums.clone()) if sums is not None else None  # world-size free: the epoch's global sums
     take = snapshot if copy_state else _compact
@@ -90,15 +90,21 @@ def begin(state: TrainingState, directory: Path, comm: Communicator, copy_state:
 def publish(pending: Pending, comm: Communicator, keep: int) -> Path:
     """Every rank at once: any rank's problem raises CheckpointError on all; else rank 0 writes the manifest,
     renames the checkpoint into place and prunes to the newest `keep`."""
-    everyone = comm.allgather_object((pending.written, pending.problem))
-    raise_first([p for _, p in everyone], _prefix(pending.final))
-    manifest = pending.manifest | {"files": {name: rec for files, _ in everyone for name, rec in files.items()}}
-    problem = on_rank0(comm, lambda: commit(pending.partial, pending.final, manifest, keep))
-    fail_together(comm, problem, _prefix(pending.final))
+    manifest = agree(pending, comm)
+    fail_together(comm, on_rank0(comm, lambda: commit(pending.partial, pending.final, manifest, keep)),
+                  prefix(pending.final))  # fmt: skip
     return pending.final
 
 
-def _prefix(final: Path) -> str:
+def agree(pending: Pending, comm: Communicator) -> dict[str, Any]:
+    """Every rank at once: the first rank's problem raised on all, or the manifest (every rank's file records)."""
+    everyone = comm.allgather_object((pending.written, pending.problem))
+    raise_first([p for _, p in everyone])
+    return pending.manifest | {"files": {name: rec for files, _ in everyone for name, rec in files.items()}}
+
+
+def prefix(final: Path) -> str:
+    """How a problem with the checkpoint `final` begins."""
     return f"cannot write checkpoint {final}: "
 
 
