@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import statistics
 import tempfile
@@ -151,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     if comm.rank != 0:
         return
     print_table(f"checkpoint pause, {comm.size} rank(s), {args.checkpoints} checkpoints each", rows, COLUMNS)
-    result = {"machine": common.machine(), "ranks": comm.size, "threads": torch.get_num_threads(), "rows": rows}
+    result = {"machine": common.machine(), "load_average": os.getloadavg(), "ranks": comm.size,
+              "threads": torch.get_num_threads(), "rows": rows}  # fmt: skip
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1))
     plot(rows, args.plot)
