@@ -39,13 +39,13 @@ def load(spec: str, seed: int = 0) -> Task:
         raise ValueError(f"task {spec!r}: {module_name} has no callable {attr!r}")
     try:
         inspect.signature(factory).bind(seed=seed)
-    except TypeError as error:  # e.g. os:system; a factory's own errors (ValueError: no signature) stay its own
+    except TypeError as error:  # e.g. os:system; an error inside a real factory stays its own traceback
         raise ValueError(
             f"task {spec!r}: {attr} is not a task factory: calling it with seed={seed} fails ({error}); "
             "a factory takes seed= and returns a Task (see distrib/tasks/base.py)"
         ) from None
     except ValueError:
-        pass
+        pass  # no signature to read (some builtins): calling it will tell
     task = factory(seed=seed)
     missing = [
         name
