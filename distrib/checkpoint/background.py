@@ -1,6 +1,7 @@
 """Checkpoints written by a thread while training goes on (as torch.distributed.checkpoint's async_save).
 
-The state is copied at the step (tensors cloned to the CPU) on the training thread, which also does every
+The state is copied at the step (tensors to the CPU, into the last checkpoint's copy where shapes match) on
+the training thread, which also does every
 collective part, in the same order on every rank; the thread does file I/O only. At most one is in flight: the
 next checkpoint first waits for it, and all ranks agree that its files are whole (the manifest's records); the
 next thread then renames it into place (rank 0) before writing its own files, so the fsyncs of publishing do
@@ -28,12 +29,13 @@ class BackgroundWriter:
     def __init__(self, comm: Communicator, keep: int) -> None:
         self.comm, self.keep = comm, keep
         self._inflight: tuple[Pending, threading.Thread] | None = None
+        self._staging: dict | None = None  # the contents of the last checkpoint written: the next copy goes there
 
     def submit(self, state: TrainingState, directory: Path) -> None:
         """Agree on the checkpoint in flight (waiting for its files), copy `state`, and start a thread that
         publishes the previous one and writes this one."""
         previous = self._agree()
-        pending = begin(state, directory, self.comm, copy_state=True)
+        pending = begin(state, directory, self.comm, copy_state=True, staging=self._staging)
 
         def work() -> None:
             if previous is not None and self.comm.rank == 0:
@@ -69,4 +71,6 @@ class BackgroundWriter:
         if thread.is_alive():  # a disk this slow would also time out a synchronous write's collectives
             late = f"rank {self.comm.rank}'s files took more than {self.comm.timeout:g} s to write"
             pending.problem = prefix(pending.final) + late
+        else:
+            self._staging = pending.contents  # written: its tensors can take the next copy
         return pending, agree(pending, self.comm)

@@ -53,14 +53,17 @@ def save(state: TrainingState, directory: Path, comm: Communicator, keep: int) -
     return publish(pending, comm, keep)
 
 
-def begin(state: TrainingState, directory: Path, comm: Communicator, copy_state: bool) -> Pending:
+def begin(
+    state: TrainingState, directory: Path, comm: Communicator, copy_state: bool, staging: dict | None = None
+) -> Pending:
     """Every rank at once: rank 0 makes the `.partial` directory, the epoch's loss sums are summed over ranks, and
-    this rank's files' contents are taken; `copy_state` clones every tensor to the CPU, so training may go on."""
+    this rank's files' contents are taken. `copy_state` copies every tensor to the CPU, so training may go on,
+    into the tensors of `staging` (an earlier checkpoint's contents, written already) where they fit."""
     final = directory / step_name(state.progress.total)
     fail_together(comm, on_rank0(comm, lambda: fresh_dir(final.with_name(final.name + ".partial"))), prefix(final))
     sums = state.progress.loss_sums
     sums = comm.allreduce(sums.clone()) if sums is not None else None  # world-size free: the epoch's global sums
-    take = snapshot if copy_state else _compact
+    take = _as_is if copy_state else _compact  # a copy is made of all of it below
     sharded = sorted(phase for phase, o in state.optimizers.items() if _is_sharded(o))
     contents = {
         f"rank-{comm.rank:05d}.pt": {
@@ -76,6 +79,8 @@ def begin(state: TrainingState, directory: Path, comm: Communicator, copy_state:
             "loss_sums": sums,
             "task": take(state.task.state_dict()) if hasattr(state.task, "state_dict") else None,
         }
+    if copy_state:
+        contents = snapshot(contents, staging)
     manifest = {
         "format": FORMAT,
         "world_size": comm.size,
@@ -124,15 +129,25 @@ def _compact(obj: Any) -> Any:
     return obj
 
 
-def snapshot(obj: Any) -> Any:
-    """A copy of a state_dict that training cannot change: every tensor cloned to the CPU (its own bytes only),
-    arrays copied, containers rebuilt, anything else deep-copied."""
+def _as_is(obj: Any) -> Any:
+    return obj
+
+
+def snapshot(obj: Any, reuse: Any = None) -> Any:
+    """A copy of a state_dict that training cannot change: every tensor copied to the CPU (its own bytes only),
+    into the same-shaped tensor at the same place in `reuse` when there is one (a fresh allocation costs page
+    faults: ten times the copy, measured on 126 MB), arrays copied, containers rebuilt, the rest deep-copied."""
     if isinstance(obj, torch.Tensor):
+        fits = isinstance(reuse, torch.Tensor) and reuse.device.type == "cpu" and reuse is not obj
+        if fits and reuse.shape == obj.shape and reuse.dtype == obj.dtype:
+            return reuse.copy_(obj.detach())
         return obj.detach().to("cpu", copy=True)
     if isinstance(obj, np.ndarray):
         return obj.copy()
     if isinstance(obj, dict):
-        return {k: snapshot(v) for k, v in obj.items()}
+        reuse = reuse if isinstance(reuse, dict) else {}
+        return {k: snapshot(v, reuse.get(k)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(snapshot(v) for v in obj)
+        reuse = reuse if isinstance(reuse, (list, tuple)) and len(reuse) == len(obj) else [None] * len(obj)
+        return type(obj)(snapshot(v, r) for v, r in zip(obj, reuse))
     return copy.deepcopy(obj)
