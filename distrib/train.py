@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 import distrib
-from distrib.checkpoint import Checkpointer, CheckpointError, TrainingState
+from distrib.checkpoint import Checkpointer, CheckpointError, TrainingState, atomic
 from distrib.cli import options
 from distrib.cli.optim import build_optimizer, build_schedule
 from distrib.cli.options import fail
@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     watch_rank()  # under MPICH, so that a rank killed by a signal is named; forks, so before torch starts threads
     args, task = options.parse(argv, __doc__)
     _share_cores()
+    _warn_of_shared_store()
     comm = _communicator(args)
     out = _run_dir(args, comm)
     models = task.build()
@@ -43,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         for phase, optimizer in optimizers.items()
     }
     state = TrainingState(models, optimizers, schedules, progress, options.settings(args), task)
-    saver = Checkpointer(out / "checkpoints", comm, state, args.checkpoint_every, args.keep)
-    if args.resume:
-        _resume(saver, out if args.resume is True else args.resume, out, comm)
+    saver = Checkpointer(out / "checkpoints", comm, state, args.checkpoint_every, args.keep, args.checkpoint_async)
+    resumed = _resume(saver, args, out, comm) if args.resume else False
+    _prepare(out, progress.epoch if resumed else None, comm)  # the first write: every check above has passed
     history, status = _train(args, task, wrapped, state, saver, comm, out)
     if status == 0 and comm.rank == 0:
         _save_results(out, models, history)
@@ -56,6 +57,17 @@ def _share_cores() -> None:
     """Ranks on one host share its cores: one rank's torch threads get its share, unless OMP_NUM_THREADS says."""
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // (read_world().local_size or 1)))
+
+
+def _warn_of_shared_store() -> None:
+    """torchrun restarts workers, but by default keeps one store for all attempts, where gloo and NCCL find the
+    addresses of the attempt before (pytorch/pytorch#135712): a restart may fail to connect, using up restarts."""
+    restarts = os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0"
+    if restarts and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and os.environ.get("RANK") == "0":
+        if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+            print("distrib: torchrun --max-restarts keeps one store for every attempt, so a restart may connect to "
+                  "the dead attempt's addresses (pytorch#135712): start torchrun with "
+                  "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", file=sys.stderr, flush=True)  # fmt: skip
 
 
 def _communicator(args: argparse.Namespace) -> distrib.Communicator:
@@ -101,13 +113,15 @@ def _train(
 ) -> tuple[list[dict[str, float]], int]:
     """Run the loop with its reports and checkpoints; every way it can end becomes a history and an exit status."""
     config = LoopConfig(args.epochs, args.batch_size, args.accumulation_steps, args.clip_grad, args.seed, args.on_nan)
-    report = None
+    report, told_short = None, []  # told_short: the short epoch is said once
     if comm.rank == 0:
         report = Reporter(out, args.epochs, state.progress.total, not args.no_progress, args.tensorboard)
 
     def on_step(info: dict[str, float]) -> None:
         if report is not None:
             report.step(info, state.progress)
+            if not told_short and _short_epoch(args.batch_size, info["samples"], state.progress):
+                told_short.append(True)
         saver.on_step()
 
     def on_epoch(stats: dict[str, float]) -> None:
@@ -120,18 +134,27 @@ def _train(
     with StopSignals() as stop, recording:
         try:
             progress = state.progress
-            return fit(task, models, state.optimizers, comm, config, state.schedulers, on_step, on_epoch, progress,
-                       stop), 0  # fmt: skip
+            history = fit(task, models, state.optimizers, comm, config, state.schedulers, on_step, on_epoch,
+                          progress, stop)  # fmt: skip
+            saver.finish()  # the checkpoint a thread is writing, published
+            return history, 0
         except Stopped as stopped:
             try:
                 where = saver.save()
+                saver.finish()
             except CheckpointError as error:
                 fail(f"{error}; stopped by signal {stopped.signum} without a final checkpoint", status=1)
             _say(comm, f"stopped by signal {stopped.signum} after step {stopped.progress.total}; saved {where}, "
                  "continue with --resume")  # fmt: skip
             return [], 128 + stopped.signum
-        except (NonFiniteError, CheckpointError) as error:  # a checkpoint that cannot be written: stop, not go on
+        except NonFiniteError as error:
+            with contextlib.suppress(CheckpointError):
+                saver.finish()  # the last good checkpoint, if a thread was writing it; the NaN is the news
             fail(str(error), status=1)
+        except CheckpointError as error:  # a checkpoint that cannot be written: stop, not go on
+            fail(str(error), status=1)
+        except OSError as error:  # rank 0's metrics.jsonl or TensorBoard files; the launcher stops the others
+            fail(f"cannot write {error.filename or out}: {error.strerror or error}", status=1)
         except distrib.CollectiveError as error:
             lost = peers.describe_lost()
             if lost:
@@ -142,30 +165,46 @@ def _train(
                 report.close()
 
 
+def _short_epoch(batch_size: int, samples: float, progress: Progress) -> bool:
+    """Say that the global batch is larger than the epoch's data: each epoch is then one smaller step. Not
+    refused, because a task's data can vary by epoch (RL's episodes) and full-batch training is a choice."""
+    short = progress.steps == 1 and progress.step == 1 and samples < batch_size
+    if short:
+        print(f"distrib: --batch-size {batch_size} is larger than epoch {progress.epoch + 1}'s data ({int(samples)} "
+              f"samples): each such epoch is one step of all its samples", file=sys.stderr, flush=True)  # fmt: skip
+    return short
+
+
 def _save_results(out: Path, models: Models, history: list[dict[str, float]]) -> None:
     """Rank 0: the weights as a plain state_dict, the learning curves, and the final validation stats."""
     weights = {p: m.state_dict() for p, m in models.items()}
-    torch.save(weights["model"] if list(weights) == ["model"] else weights, out / "model.pt")
-    from distrib.cli.plot import plot_run
+    try:
+        atomic.write(out / "model.pt", weights["model"] if list(weights) == ["model"] else weights)
+        from distrib.cli.plot import plot_run
 
-    plot_run(out)
+        plot_run(out)
+    except OSError as error:
+        fail(f"cannot write {error.filename or out}: {error.strerror or error}; training finished, and the "
+             f"checkpoints in {out / 'checkpoints'} hold its weights", status=1)  # fmt: skip
     shown = {k: v for k, v in history[-1].items() if k.startswith("val_") and k != "val_count"} if history else {}
     final = " (final " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()) + ")" if shown else ""
     print(f"run saved in {out}{final}")
 
 
-def _resume(saver: Checkpointer, path: Path, out: Path, comm: distrib.Communicator) -> None:
-    """Load the newest checkpoint that verifies, and keep metrics.jsonl to the epochs it covers."""
+def _resume(saver: Checkpointer, args: argparse.Namespace, out: Path, comm: distrib.Communicator) -> bool:
+    """Load the newest checkpoint that verifies (in --out, or the PATH of --resume PATH); with --resume auto, none
+    there means a fresh start. Whether one was loaded; nothing is written."""
+    auto = args.resume == options.AUTO
     try:
-        where = saver.resume(path)
+        where = saver.resume(out if auto or args.resume is True else args.resume, fresh_if_none=auto)
     except CheckpointError as error:
         fail(f"argument --resume: {error}")
+    if where is None:
+        _say(comm, f"--resume auto: no checkpoint in {out} yet; starting from the beginning")
+        return False
     progress = saver.state.progress
-    if comm.rank == 0:
-        lines = (out / "metrics.jsonl").read_text().splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] < progress.epoch]
-        (out / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
     _say(comm, f"resuming from {where}: epoch {progress.epoch + 1}, {progress.step} of its steps done")
+    return True
 
 
 def _say(comm: distrib.Communicator, message: str) -> None:
@@ -174,7 +213,7 @@ def _say(comm: distrib.Communicator, message: str) -> None:
 
 
 def _run_dir(args: argparse.Namespace, comm: distrib.Communicator) -> Path:
-    """Rank 0 makes the run directory once the arguments are known good; a bad one is a clear error on all ranks."""
+    """The run directory, named by rank 0; one that holds an earlier run's checkpoints needs --resume."""
     problem = None
     if comm.rank == 0:
         out = (
@@ -183,23 +222,31 @@ def _run_dir(args: argparse.Namespace, comm: distrib.Communicator) -> Path:
         )
         if not args.resume and any((out / "checkpoints").glob("step-*")):
             problem = (
-                f"argument --out: {out} holds the checkpoints of an earlier run; continue it with --resume, "
-                "or choose another --out"
+                f"argument --out: {out} holds the checkpoints of an earlier run; continue it with --resume (or "
+                "--resume auto), or choose another --out"
             )
-        else:
-            try:
-                (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-                if not args.resume or not (out / "metrics.jsonl").exists():
-                    (out / "metrics.jsonl").write_text("")
-            except OSError as error:
-                where = error.filename or out
-                problem = (
-                    f"argument --out: cannot write to {where}: {error.strerror or error}; choose a writable directory"
-                )
     problem = comm.broadcast_object(problem)
     if problem:
         fail(problem)
     return comm.broadcast_object(out if comm.rank == 0 else None)
+
+
+def _prepare(out: Path, epochs_done: int | None, comm: distrib.Communicator) -> None:
+    """Rank 0 makes the run directory and starts metrics.jsonl, or keeps it to the `epochs_done` of a resume."""
+    problem = None
+    if comm.rank == 0:
+        metrics = out / "metrics.jsonl"
+        try:
+            (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+            lines = metrics.read_text().splitlines() if epochs_done is not None and metrics.exists() else []
+            kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] < epochs_done]
+            metrics.write_text("".join(line + "\n" for line in kept))
+        except OSError as error:
+            problem = f"argument --out: cannot write to {error.filename or out}: {error.strerror or error}; "
+            problem += "choose a writable directory"
+    problem = comm.broadcast_object(problem)
+    if problem:
+        fail(problem)
 
 
 if __name__ == "__main__":

@@ -151,3 +151,20 @@ def test_model_reads_benchmark_rows(tmp_path, capsys):
     model.main([str(path), "--ranks", "8", "4096"])
     text = capsys.readouterr().out
     assert "predicted ms on 100 Gb InfiniBand" in text and "4096 ranks: recursive doubling beats ring below" in text
+
+
+def test_checkpoint_benchmark_at_two_ranks(tmp_path):
+    out, png = tmp_path / "checkpoint.json", tmp_path / "checkpoint.png"
+    args = ["-m", "benchmarks.checkpoint", "--params", "1e4", "1e5", "--checkpoints", "2", "--steps-between", "2"]
+    result = run_ranks("mpiexec", 2, [*args, "--json", str(out), "--plot", str(png)], timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert data["ranks"] == 2 and [(r["mode"], r["params"] > 5e4) for r in rows] == [
+        ("sync", False), ("async", False), ("sync", True), ("async", True)]  # fmt: skip
+    for sync, background in zip(rows[::2], rows[1::2]):
+        assert sync["checkpoint_mb"] == background["checkpoint_mb"] > 0
+        for r in (sync, background):
+            assert 0 < r["pause_min_ms"] <= r["pause_median_ms"] <= r["pause_max_ms"] and r["write_median_ms"] > 0, r
+        assert background["sync_over_async"] == pytest.approx(sync["pause_median_ms"] / background["pause_median_ms"])

@@ -4,8 +4,13 @@ said by rank 0 only, before anything is written."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import json
+import math
+import os
 import sys
+import time
 from pathlib import Path
 from typing import NoReturn
 
@@ -18,16 +23,33 @@ from distrib.steps import ON_NAN
 from distrib.tasks.classify import Classify, read_data
 
 PROG = "python -m distrib.train"
+_QUIET_RANKS_WAIT = 2.0  # seconds the other ranks wait under torchrun, so that rank 0 fails first
+AUTO = "auto"  # --resume auto
+MAX_RATE = 1e4  # --lr and --weight-decay: above this torch's float32 steps overflow (1e308) or diverge at once
+MAX_SEED = 2**63 - 1  # torch seeds are 64-bit, and the built-in tasks add offsets to theirs
 
 
 def fail(message: str, status: int = 2) -> NoReturn:
-    """One line on rank 0, then every rank exits: 2 for a user's mistake, 1 for a failed run."""
+    """One line on rank 0, then every rank exits: 2 for a user's mistake, 1 for a failed run.
+
+    Under torchrun the line also goes to the error file torchrun reads, so its report's root cause quotes it,
+    and the other ranks wait a moment before exiting: the first rank out is the one torchrun blames, and its
+    agent stops the rest, so rank 0 must not be stopped before it has said why.
+    """
     try:
-        quiet = read_world().rank != 0
+        rank = read_world().rank
     except LaunchError:
-        quiet = False
-    if not quiet:
-        print(f"{PROG}: error: {message}", file=sys.stderr)
+        rank = 0
+    line = f"{PROG}: error: {message}"
+    if rank == 0:
+        print(line, file=sys.stderr, flush=True)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file and rank == 0:
+        with contextlib.suppress(OSError):  # a full disk: the line above is said already
+            info = {"py_callstack": line, "timestamp": str(int(time.time()))}  # torchrun's report quotes py_callstack
+            Path(error_file).write_text(json.dumps({"message": {"message": line, "extraInfo": info}}))
+    elif error_file:
+        time.sleep(_QUIET_RANKS_WAIT)
     sys.exit(status)
 
 
@@ -49,14 +71,41 @@ def _positive(kind: type):
     return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}")
-    return value
+def _real(low: float, high: float = math.inf, *, positive: bool = False):
+    """A finite float in [low, high] (above low when `positive`): NaN and Inf never make sense as a rate or a norm."""
+    what = ("a positive float" if positive else f"a float from {low:g}") + (f" up to {high:g}" * (high < math.inf))
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if not (low <= value <= high and math.isfinite(value)) or (positive and value == low):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _whole(high: int | None = None):
+    """A whole number >= 0, at most `high` (a power of two less one)."""
+    what = "a whole number >= 0" + (f" and < 2**{high.bit_length()}" if high is not None else "")
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+        if value < 0 or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _resume(text: str) -> Path | str:
+    """--resume PATH, or --resume auto: the newest checkpoint in --out if there is one, else a fresh start."""
+    return AUTO if text == AUTO else Path(text)
 
 
 def parser(description: str | None = None) -> argparse.ArgumentParser:
@@ -65,14 +114,14 @@ def parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--task", default="classify", help=f"built-in ({builtin}) or package.module:factory")
     p.add_argument("--epochs", type=_positive(int), default=5)
     p.add_argument("--batch-size", type=_positive(int), default=128, help="the global minibatch, over all ranks")
-    p.add_argument("--lr", type=_positive(float), default=3e-3)
+    p.add_argument("--lr", type=_real(0, MAX_RATE, positive=True), default=3e-3)
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adam")
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=_real(0, MAX_RATE), default=0.0)
     p.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="after the warm-up")
-    p.add_argument("--warmup-steps", type=_non_negative_int, default=20)
+    p.add_argument("--warmup-steps", type=_whole(), default=20)
     p.add_argument("--accumulation-steps", type=_positive(int), default=1, help="micro-batches per optimizer step")
-    p.add_argument("--clip-grad", type=_positive(float), default=None, help="max global gradient norm")
-    p.add_argument("--seed", type=_non_negative_int, default=0)
+    p.add_argument("--clip-grad", type=_real(0, positive=True), default=None, help="max global gradient norm")
+    p.add_argument("--seed", type=_whole(MAX_SEED), default=0)
     p.add_argument("--backend", choices=BACKENDS, default=None, help="default: from the launcher")
     p.add_argument("--allreduce", choices=ALGORITHMS, default="native", help="the gradient allreduce")
     p.add_argument("--timeout", type=_positive(float), default=None, help="seconds a collective waits for a peer")
@@ -82,9 +131,15 @@ def parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoint-every", type=_positive(int), default=None, metavar="N", help="steps (also: at each epoch's end)"
     )
+    p.add_argument("--checkpoint-async", action="store_true", help="write checkpoints in a thread as training goes on")
     p.add_argument("--keep", type=_positive(int), default=3, metavar="K", help="the newest K checkpoints are kept")
     p.add_argument(
-        "--resume", nargs="?", const=True, type=Path, metavar="PATH", help="from the newest checkpoint in --out or PATH"
+        "--resume",
+        nargs="?",
+        const=True,
+        type=_resume,
+        metavar="PATH|auto",
+        help="from the newest checkpoint in --out or PATH; auto: that, or a fresh start when --out has none",
     )
     p.add_argument(
         "--on-nan", choices=ON_NAN, default="error", help="a NaN/Inf loss or gradient: fail, or skip the step"
@@ -106,6 +161,8 @@ def parse(argv: list[str] | None, description: str | None = None) -> tuple[argpa
         args = with_task.parse_args(argv)
     if args.resume is True and args.out is None:
         fail("argument --resume: name the run to continue, as --out RUN_DIR or --resume RUN_DIR")
+    if args.resume == AUTO and args.out is None:
+        fail("argument --resume: auto continues the run in --out, or starts it there; name it with --out RUN_DIR")
     if args.tensorboard is not None and importlib.util.find_spec("tensorboard") is None:
         fail("argument --tensorboard: needs the tensorboard package; pip install tensorboard")
     if args.zero_offload and args.optimizer not in ("adam", "adamw"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 
 from distrib.tasks import rl
@@ -36,6 +37,15 @@ def load(spec: str, seed: int = 0) -> Task:
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ValueError(f"task {spec!r}: {module_name} has no callable {attr!r}")
+    try:
+        inspect.signature(factory).bind(seed=seed)
+    except TypeError as error:  # e.g. os:system; an error inside a real factory stays its own traceback
+        raise ValueError(
+            f"task {spec!r}: {attr} is not a task factory: calling it with seed={seed} fails ({error}); "
+            "a factory takes seed= and returns a Task (see distrib/tasks/base.py)"
+        ) from None
+    except ValueError:
+        pass  # no signature to read (some builtins): calling it will tell
     task = factory(seed=seed)
     missing = [
         name
