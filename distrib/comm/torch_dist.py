@@ -80,14 +80,15 @@ class TorchCommunicator(Communicator):
         self.process_group = dist.group.WORLD
 
     @classmethod
-    def over(cls, group: Any, timeout: float | None = None) -> TorchCommunicator:
+    def over(cls, group: Any, timeout: float | None = None, algorithm: str = "native") -> TorchCommunicator:
         """A communicator over a torch.distributed group made elsewhere (dist.new_group, a DDP's process_group)."""
         if not isinstance(group, dist.ProcessGroup):
             raise TypeError(
                 f"process_group must be a torch.distributed ProcessGroup or a distrib Communicator, got "
                 f"{type(group).__name__}"
             )
-        return cls(str(dist.get_backend(group)), group.rank(), group.size(), timeout=timeout, group=group)
+        backend = str(dist.get_backend(group))
+        return cls(backend, group.rank(), group.size(), timeout=timeout, algorithm=algorithm, group=group)
 
     def post(
         self, sends: Sequence[tuple[torch.Tensor, int]] = (), recvs: Sequence[tuple[torch.Tensor, int]] = ()
@@ -145,6 +146,11 @@ class TorchCommunicator(Communicator):
         # takes the GIL; a thread that asks for it once the interpreter is shutting down aborts the whole process
         # ("terminate called without an active exception": 2 in 8 resumed runs here). Let them finish first.
         time.sleep(_RELEASE_GRACE)
+
+
+def started_group(timeout: float | None = None, algorithm: str = "native") -> TorchCommunicator | None:
+    """A communicator over torch.distributed's default group when the process started one itself, else None."""
+    return TorchCommunicator.over(dist.group.WORLD, timeout, algorithm) if dist.is_initialized() else None
 
 
 def rendezvous(comm: Communicator) -> dist.TCPStore:

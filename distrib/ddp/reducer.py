@@ -40,9 +40,7 @@ class Reducer:
     ) -> None:
         self.comm, self.params, self.names = comm, list(params), list(names)
         self.algorithm, self.grad_as_view, self.find_unused = algorithm, grad_as_view, find_unused
-        self.first_cap, self.cap = first_cap, cap
-        self.static_graph = False
-        n = len(self.params)
+        self.first_cap, self.cap, self.static_graph, n = first_cap, cap, False, len(self.params)
         limits = [first_cap, cap] if find_unused and first_cap < cap else [cap] if find_unused else [UNLIMITED]
         self._build(initial_layout(self.params, limits))
         self.comm_hook: tuple[Any, Callable] | None = None
@@ -52,16 +50,14 @@ class Reducer:
         self.unused: list[int] = []  # marked ready at an iteration's first hook
         self.marked_unused = False
         self.local_used = torch.zeros(n, dtype=torch.int32)  # this rank's use of each parameter
-        self.used_everywhere = torch.zeros(n, dtype=torch.int32)  # ... summed over the ranks (torch's local_used_map)
+        self.used_everywhere = torch.zeros(n, dtype=torch.int32)  # ... summed over the ranks
         self._used_work = None
         self.hook_counts = [0] * n  # static graph: firings per parameter in the first iteration
         self._left: list[int] = []  # static graph: firings still expected in this iteration
         self.static_first = False
         self.div_factor: int | None = None
         self.join_work: Any = None  # the join context's "still training" allreduce, for the divide factor
-        self.static_world_size = True
-        self.rebuilt = False
-        self.ready_order: list[int] = []
+        self.static_world_size, self.rebuilt, self.ready_order = True, False, []
 
     def _build(self, layout: list[list[int]]) -> None:
         last = len(layout) - 1
@@ -293,6 +289,9 @@ class Reducer:
             work.wait()
         if self.find_unused:
             self.comm.allreduce(torch.zeros(len(self.params), dtype=torch.int32), "sum", "native")
+
+    def _get_local_used_map(self) -> torch.Tensor:  # torch's name, read by torch's tests
+        return self.used_everywhere
 
 
 def _aliases(grad: torch.Tensor, view: torch.Tensor) -> bool:
