@@ -11,6 +11,7 @@ from torch import nn
 from distrib.comm import Communicator
 
 _ALIGN = 16  # bytes: each tensor's slice of a broadcast starts where any dtype may view it
+_FIX = " Build the same model on every rank: the same parameters, shapes and order."
 
 
 def reducer_parameters(module: nn.Module, ignored: set[str]) -> tuple[list[nn.Parameter], list[str]]:
@@ -47,7 +48,7 @@ def check_same_model(comm: Communicator, params: Sequence[torch.Tensor], rank: i
         if count != counts[rank]:
             raise RuntimeError(
                 f"DDP expects same model across all ranks, but Rank {rank} has {counts[rank]} params, while rank "
-                f"{other} has inconsistent {count} params."
+                f"{other} has inconsistent {count} params.{_FIX}"
             )
     for k, (shape, stride) in enumerate(everyone[0]):
         for other, entries in sorted(enumerate(everyone), key=lambda item: item[0] != rank):  # this rank's own first
@@ -56,7 +57,7 @@ def check_same_model(comm: Communicator, params: Sequence[torch.Tensor], rank: i
                     where = "this process" if other == rank else f"process {other}"
                     raise RuntimeError(
                         f"[{rank}]: params[{k}] in {where} with {what} {list(mine_)} appears not to match {what} of "
-                        f"the same param in process 0."
+                        f"the same param in process 0.{_FIX}"
                     )
 
 
