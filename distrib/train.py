@@ -98,7 +98,7 @@ def _wrap(args: argparse.Namespace, models: Models, comm: distrib.Communicator) 
             for phase, m in wrapped.items()
         }
         return wrapped, optimizers
-    except ValueError as error:  # e.g. a model that differs across ranks
+    except (ValueError, RuntimeError) as error:  # e.g. a model that differs across ranks (torch: RuntimeError)
         fail(f"argument --task: {error}")
 
 

@@ -38,6 +38,9 @@ class Communicator(Transport):
         self.device = torch.device("cpu")  # where object collectives stage their bytes
         self._verify_left = -1 if os.environ.get("DISTRIB_VERIFY") == "all" else VERIFY_CALLS
         self._engine = Engine(f"distrib-{self.backend}-rank{rank}")
+        # The torch.distributed ProcessGroup over the same ranks, for torch's own utilities that take one (Join,
+        # torch's comm hooks); None where none exists (an MPI communicator started by distrib.init() alone).
+        self.process_group: Any = None
         # Called as observer(name, queued_ns, started_ns, finished_ns, info) after every collective, on the thread
         # that ran it; distrib.trace sets it while recording.
         self.observer: Callable[[str, int, int, int, dict[str, Any]], None] | None = None
@@ -216,6 +219,8 @@ class Communicator(Transport):
     ) -> Any:
         if self.observer is not None:
             job = observed(job, self.observer, name, {**info, **(label or {})})
+        if self._engine.on_its_thread():  # called back by a finished collective (a hook's future): run it now,
+            return self._engine.run_here(job, async_op)  # in the same place of the order on every rank
         if async_op:
             return self._engine.submit(job)
         if self._engine.idle:  # nothing queued before us: run on the caller's thread, no hand-off cost
