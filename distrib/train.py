@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     out = _run_dir(args, comm)
     models = {phase: model.to(device) for phase, model in task.build().items()}
     wrapped, optimizers = _wrap(args, models, comm)
+    if comm.rank == 0:
+        print(f"training {args.task} on {comm.size} rank(s), backend {comm.backend}, rank 0 on {device}, "
+              f"precision {args.precision}", flush=True)  # fmt: skip
     progress = Progress()
     schedules = {
         phase: build_schedule(optimizer, args.schedule, args.warmup_steps, args.epochs, progress)
