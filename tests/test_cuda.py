@@ -131,6 +131,8 @@ def test_tiles_on_the_copy_stream_give_the_cpu_bits_and_leave_no_state_on_the_gp
     torch.manual_seed(0)
     on_gpu = nn.Sequential(nn.Linear(1024, 1024), nn.Tanh(), nn.Linear(1024, 8)).to("cuda", torch.bfloat16)
     on_cpu = copy.deepcopy(on_gpu).cpu()
+    on_gpu(torch.ones(2, 1024, device="cuda", dtype=torch.bfloat16)).sum().backward()  # cuBLAS's workspace, once
+    on_gpu.zero_grad(set_to_none=True)
     before = torch.cuda.memory_allocated()
     gpu_opt = ZeroOffloadOptimizer(on_gpu.parameters(), comm=LocalCommunicator(), tile_numel=1 << 16)  # 17 tiles
     built = torch.cuda.memory_allocated()
