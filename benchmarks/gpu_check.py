@@ -138,6 +138,17 @@ def collectives(args: argparse.Namespace) -> int:
             out = comm.allgather(rank_tensor(r, 1001, dtype).to(device), algorithm=algorithm)
             expected = np.concatenate([rank_tensor(q, 1001, dtype).double().numpy() for q in range(n)])
             check(f"{algorithm} allgather {dtype}", out.device == device and close(out, expected, dtype, 1))
+    if n == 1:  # the Communicator skips a world of one: call the transport's own collectives (NCCL's kernels) too
+        for dtype in DTYPES:
+            t = comm._staged(rank_tensor(0, 1001, dtype).to(device))
+            expected = rank_tensor(0, 1001, dtype).double().numpy()
+            out = torch.empty_like(t)
+            comm._native_allreduce(t, "sum")
+            comm._native_broadcast(t, 0)
+            comm._native_reduce_scatter(t, out, "sum")
+            check(f"{comm.backend}'s own allreduce, broadcast, reduce_scatter {dtype}", close(out, expected, dtype, 1))
+            comm._native_allgather(t, out)
+            check(f"{comm.backend}'s own allgather {dtype}", close(out, expected, dtype, 1))
     for dtype in DTYPES:
         t = rank_tensor(r, 1001, dtype).to(device)
         comm.broadcast(t, root=n - 1)

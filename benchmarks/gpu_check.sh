@@ -6,9 +6,13 @@
 #   bash benchmarks/gpu_check.sh                  # on the GPU machine, with its own python3
 #   DRY_RUN=1 bash benchmarks/gpu_check.sh        # anywhere (also: --cpu): the same steps on the CPU, cpu and gloo
 #
-# The GPU machine reaches no package registry: what it lacks comes from .whl/ (git-ignored), filled here with
-#   pip download mpich --python-version 3.12 --only-binary :all: --platform manylinux_2_28_x86_64 -d .whl
-# (and numpy tqdm matplotlib pytest-timeout pytest-mpi the same way). The project itself runs from PYTHONPATH.
+# The GPU machine reaches no package registry: what it lacks comes from .whl/ (git-ignored, ~52 MB), filled with
+#   pip download mpich==5.0.2 --python-version 3.12 --only-binary :all: --platform manylinux_2_28_x86_64 -d .whl
+#   pip download numpy tqdm matplotlib pytest-timeout pytest-mpi --python-version 3.12 --only-binary :all: \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl
+#   rm .whl/pytest-[0-9]* .whl/pluggy-* .whl/iniconfig-* .whl/pygments-*    # the machine has pytest
+# (with --platform manylinux2014_x86_64 alone, pip finds only mpich 0.0.0, an empty placeholder). Only what this
+# python lacks is installed; the project itself runs from PYTHONPATH.
 #
 # Steps: 0 install what is missing, report torch, CUDA, NCCL, GPU and MPI; 1 the device and tile unit tests, then
 # the CUDA tests (pytest -m cuda): collectives on CUDA tensors against float64 (nccl at 1 rank, mpi and gloo at 2),
@@ -25,6 +29,7 @@ PY=${PYTHON:-python3}
 OUT=${OUT:-/tmp/distrib-gpu-check}
 PREFIX=${PREFIX:-/tmp/distrib-gpu-prefix}  # mpich's bin/ and lib/, and the Python packages this python lacks
 BUDGET=${BUDGET_S:-285}
+SCALE=${TIME_SCALE:-1}  # every step's limit times this: for a dry run on a busy machine (with a larger BUDGET_S)
 if [ "$DRY" = 1 ]; then
     DEVICE=cpu NCCL=gloo PARAMS=${PARAMS:-2e6}
 else
@@ -44,6 +49,7 @@ step() {
     local name=$1 limit=$2
     shift 2
     local left=$((BUDGET - (SECONDS - START)))
+    limit=$((limit * SCALE))
     if [ "$left" -lt 20 ]; then
         say "[$name] skipped: ${left} s left of the ${BUDGET} s budget"
         echo "{\"step\": \"$name\", \"status\": \"skipped\", \"seconds\": 0}" >>"$STEPS"
@@ -55,7 +61,7 @@ step() {
     timeout -k 10 "$limit" "$@" >"$OUT/$name.out" 2>&1
     rc=$?
     case $rc in 0) status=passed ;; 124 | 137) status="timed out" ;; *) status="failed ($rc)" ;; esac
-    tail -n 25 "$OUT/$name.out" | sed 's/^/    /' >>"$LOG"
+    tail -n 25 "$OUT/$name.out" | awk '{ print "    " $0 }' >>"$LOG"  # awk ends an unfinished last line
     say "[$name] $status after $((SECONDS - began)) s"
     echo "{\"step\": \"$name\", \"status\": \"$status\", \"rc\": $rc, \"seconds\": $((SECONDS - began))}" >>"$STEPS"
 }
@@ -102,11 +108,11 @@ command -v nvidia-smi >/dev/null && nvidia-smi -L 2>&1 | sed 's/^/    /' >>"$LOG
 say "    mpiexec: $(command -v mpiexec) ($(mpiexec --version 2>&1 | grep -m1 Version | tr -s ' '))"
 
 # 1. The tests: the device logic and the tile schedule on the CPU, then everything marked cuda.
-PYTEST=("$PY" -m pytest -q -rA -p no:cacheprovider)
-step unit 60 "${PYTEST[@]}" tests/test_device.py tests/test_zero_tiles.py
+PYTEST=("$PY" -m pytest -q -p no:cacheprovider)
+step unit 60 "${PYTEST[@]}" -rfEs tests/test_device.py tests/test_zero_tiles.py
 [ "$DRY" = 1 ] && export DISTRIB_GPU_DRY_RUN=1
 export DISTRIB_GPU_RESULTS=$OUT
-step cuda_tests 180 "${PYTEST[@]}" -m cuda tests/test_cuda.py
+step cuda_tests 180 "${PYTEST[@]}" -rA -m cuda tests/test_cuda.py
 
 # 2. The allreduce benchmark's rows for the path at 1 rank (for the record: no peer to reduce with).
 TORCHRUN=("$PY" -m torch.distributed.run --standalone --nproc-per-node 1)

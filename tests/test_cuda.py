@@ -53,9 +53,7 @@ def check(tmp_path: Path, launcher: str, backend: str, n: int, section: str, *ex
 
 
 @on_device
-@pytest.mark.parametrize(
-    "launcher,backend,n", [("torchrun", NCCL, 1), ("mpiexec", "mpi", 1), ("mpiexec", "mpi", 2), ("mpiexec", "gloo", 2)]
-)
+@pytest.mark.parametrize("launcher,backend,n", [("torchrun", NCCL, 1), ("mpiexec", "mpi", 2), ("mpiexec", "gloo", 2)])
 def test_collectives_on_the_device_equal_a_float64_reference(tmp_path, launcher, backend, n):
     found = check(tmp_path, launcher, backend, n, "collectives")
     assert found["ranks"] == n and found["device"].startswith(DEVICE) and not found["failures"], found

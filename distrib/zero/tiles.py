@@ -141,6 +141,7 @@ class Offload:
         self._param_low = host(dtype=own.dtype) if narrow else None
 
     def nbytes(self) -> int:
+        """Bytes of the host buffers: the fp32 gradient, and the staging where the parameters are not fp32."""
         buffers = (self.grad, self._grad_low, self._param_low)
         return sum(t.numel() * t.element_size() for t in buffers if t is not None)
 
