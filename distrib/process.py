@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from distrib.comm import Communicator
+from distrib.device import choose
 from distrib.env import LaunchError, World, read_world
 
 BACKENDS = ("mpi", "gloo", "nccl", "local")
@@ -38,15 +39,18 @@ class _State:
 STATE = _State()
 
 
-def default_backend(world: World) -> str:
-    """mpi under mpirun; nccl under torchrun when this rank has a GPU; gloo otherwise; local for one process."""
+def default_backend(world: World, device: torch.device | None = None) -> str:
+    """The backend that follows the device: mpi under mpirun (CUDA tensors staged through pinned host memory
+    unless MPI is CUDA-aware); under torchrun nccl when the model is on a GPU, else gloo; local for one process.
+
+    device: where this rank computes; None: --device auto's choice (a GPU per rank on this host, else the CPU).
+    """
     if world.is_mpi:
         return "mpi"
     if world.launcher == "none":
         return "local"
-    if torch.cuda.is_available() and torch.cuda.device_count() > world.local_rank:
-        return "nccl"
-    return "gloo"
+    device = device if device is not None else choose("auto", world)
+    return "nccl" if device.type == "cuda" else "gloo"
 
 
 def init(backend: str | None = None, *, timeout: float | None = None, algorithm: str = "native") -> Communicator:

@@ -2,6 +2,7 @@
 
 mpirun -n 4 python -m distrib.train                 # the default task, MPI collectives
 torchrun --nproc-per-node 4 -m distrib.train --task autoencoder --allreduce ring
+torchrun --nproc-per-node 8 -m distrib.train --device cuda --precision bf16   # a GPU per rank, NCCL
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from distrib.cli.options import fail
 from distrib.cli.report import Reporter
 from distrib.cli.stopping import Peers, StopSignals, watch_rank
 from distrib.data import check as check_sharding
+from distrib.device import DeviceError, choose, where
 from distrib.env import LaunchError, read_world
 from distrib.loop import LoopConfig, NonFiniteError, Optimizers, Progress, Stopped, fit
+from distrib.process import default_backend
 from distrib.tasks import Models, Task
 
 
@@ -34,10 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     args, task = options.parse(argv, __doc__)
     _share_cores()
     _warn_of_shared_store()
-    comm = _communicator(args)
+    device = _device(args)
+    comm = _communicator(args, device)
     out = _run_dir(args, comm)
-    models = task.build()
+    models = {phase: model.to(device) for phase, model in task.build().items()}
     wrapped, optimizers = _wrap(args, models, comm)
+    if comm.rank == 0:
+        print(f"training {args.task} on {comm.size} rank(s), backend {comm.backend}, rank 0 on {device}, "
+              f"precision {args.precision}", flush=True)  # fmt: skip
     progress = Progress()
     schedules = {
         phase: build_schedule(optimizer, args.schedule, args.warmup_steps, args.epochs, progress)
@@ -70,9 +77,24 @@ def _warn_of_shared_store() -> None:
                   "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", file=sys.stderr, flush=True)  # fmt: skip
 
 
-def _communicator(args: argparse.Namespace) -> distrib.Communicator:
+def _device(args: argparse.Namespace) -> torch.device:
+    """This rank's device (--device); a GPU becomes the current one, so every library's default GPU is ours."""
     try:
-        comm = distrib.init(args.backend, timeout=args.timeout, algorithm=args.allreduce)
+        device = choose(args.device, read_world(), args.backend)
+    except DeviceError as error:
+        fail(f"argument --device: {error}")
+    except LaunchError as error:
+        fail(f"argument --backend: {error}")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def _communicator(args: argparse.Namespace, device: torch.device) -> distrib.Communicator:
+    """The backend given, else the one that follows the device (nccl for GPUs under torchrun)."""
+    try:
+        backend = args.backend or default_backend(read_world(), device)
+        comm = distrib.init(backend, timeout=args.timeout, algorithm=args.allreduce)
     except (LaunchError, ValueError) as error:
         fail(f"argument --backend: {error}")
     try:
@@ -85,14 +107,16 @@ def _communicator(args: argparse.Namespace) -> distrib.Communicator:
 def _wrap(args: argparse.Namespace, models: Models, comm: distrib.Communicator) -> tuple[Models, Optimizers]:
     """Each phase's model as the loop trains it, and its optimizer: DDP and a torch optimizer, or ZeRO-Offload."""
     try:
-        if args.zero_offload:  # gradients cross ranks in the optimizer's step (reduce-scatter), not in hooks
+        if args.zero_offload:  # gradients cross ranks in the step (reduce-scatter); Adam's state stays on the CPU
             hyper = {"lr": args.lr, "weight_decay": args.weight_decay, "adamw": args.optimizer == "adamw"}
             zero = distrib.ZeroOffloadOptimizer
             return dict(models), {
                 p: zero(m.parameters(), comm=comm, algorithm=args.allreduce, **hyper) for p, m in models.items()
             }
         ddp = distrib.DistributedDataParallel
-        wrapped = {phase: ddp(m, comm=comm, algorithm=args.allreduce) for phase, m in models.items()}
+        wrapped = {
+            phase: ddp(m, device_ids=_device_ids(m), comm=comm, algorithm=args.allreduce) for phase, m in models.items()
+        }
         optimizers = {
             phase: build_optimizer(args.optimizer, m.parameters(), args.lr, args.weight_decay)
             for phase, m in wrapped.items()
@@ -100,6 +124,12 @@ def _wrap(args: argparse.Namespace, models: Models, comm: distrib.Communicator) 
         return wrapped, optimizers
     except (ValueError, RuntimeError) as error:  # e.g. a model that differs across ranks (torch: RuntimeError)
         fail(f"argument --task: {error}")
+
+
+def _device_ids(model: torch.nn.Module) -> list[int] | None:
+    """torch DDP's device_ids for a model on one GPU (inputs go there before forward), None on the CPU."""
+    device = where(model)
+    return [device.index] if device.type == "cuda" else None
 
 
 def _train(
@@ -112,7 +142,9 @@ def _train(
     out: Path,
 ) -> tuple[list[dict[str, float]], int]:
     """Run the loop with its reports and checkpoints; every way it can end becomes a history and an exit status."""
-    config = LoopConfig(args.epochs, args.batch_size, args.accumulation_steps, args.clip_grad, args.seed, args.on_nan)
+    config = LoopConfig(
+        args.epochs, args.batch_size, args.accumulation_steps, args.clip_grad, args.seed, args.on_nan, args.precision
+    )
     report, told_short = None, []  # told_short: the short epoch is said once
     if comm.rank == 0:
         report = Reporter(out, args.epochs, state.progress.total, not args.no_progress, args.tensorboard)
@@ -177,7 +209,7 @@ def _short_epoch(batch_size: int, samples: float, progress: Progress) -> bool:
 
 def _save_results(out: Path, models: Models, history: list[dict[str, float]]) -> None:
     """Rank 0: the weights as a plain state_dict, the learning curves, and the final validation stats."""
-    weights = {p: m.state_dict() for p, m in models.items()}
+    weights = {p: {k: v.cpu() for k, v in m.state_dict().items()} for p, m in models.items()}  # loads anywhere
     try:
         atomic.write(out / "model.pt", weights["model"] if list(weights) == ["model"] else weights)
         from distrib.cli.plot import plot_run

@@ -17,6 +17,7 @@ from typing import NoReturn
 from distrib import tasks
 from distrib.cli.optim import OPTIMIZERS, SCHEDULES
 from distrib.comm import ALGORITHMS
+from distrib.device import DEVICES, PRECISIONS
 from distrib.env import LaunchError, read_world
 from distrib.process import BACKENDS
 from distrib.steps import ON_NAN
@@ -147,6 +148,11 @@ def parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar on rank 0")
     p.add_argument("--trace", type=Path, default=None, help="write a Chrome trace (Perfetto) of every rank here")
     p.add_argument("--tensorboard", type=Path, default=None, help="write TensorBoard scalars here (rank 0)")
+    # Where and how precisely each rank computes (distrib/device.py).
+    p.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda:LOCAL_RANK if each rank has a GPU")
+    p.add_argument(
+        "--precision", choices=PRECISIONS, default="fp32", help="bf16: autocast on the device; weights stay fp32"
+    )
     return p
 
 

@@ -85,7 +85,7 @@ class Communicator(Transport):
             self._verify("allreduce", t, op, algorithm)
             if self.size == 1 or t.numel() == 0:
                 return t
-            work = self._staged(t)
+            work = self._staged(t, host=algorithm == "shm")
             flat = work if work.dim() == 1 else work.view(-1)
             TABLE[algorithm].allreduce(self, flat, "sum" if op == "avg" else op)
             if op == "avg":
@@ -122,7 +122,7 @@ class Communicator(Transport):
             self._verify("reduce_scatter", t, op, algorithm)
             if self.size == 1:
                 return t
-            work = self._staged(t)
+            work = self._staged(t, host=algorithm == "shm")
             shard = TABLE[algorithm].reduce_scatter(self, work.view(-1), "sum" if op == "avg" else op)
             if op == "avg":
                 shard.div_(self.size)
@@ -154,7 +154,7 @@ class Communicator(Transport):
 
         def job() -> torch.Tensor:
             self._verify("allgather", t, "", algorithm)
-            work = self._staged(out, copy_in=False)
+            work = self._staged(out, copy_in=False, host=algorithm == "shm")
             flat = work.view(-1)
             part = t.numel()
             mine = flat[self.rank * part : (self.rank + 1) * part]

@@ -1,4 +1,8 @@
-"""What a task tells the universal loop: its models, its data, how to derive targets, its loss and its stats."""
+"""What a task tells the universal loop: its models, its data, how to derive targets, its loss and its stats.
+
+Devices: a task builds its models and collects its data on the CPU; the loop moves the models' minibatches to their
+device. A tensor a task makes itself (targets, noise) it makes on the device of the tensors it is given.
+"""
 
 from __future__ import annotations
 
@@ -57,8 +61,9 @@ class Task(Protocol):
         """Per-sample losses, shape [batch]: the loop weights and sums them so any world size gives one result."""
         ...
 
-    def evaluate(self, models: Models, batch: Batch) -> dict[str, float]:
-        """Validation sums over a batch (e.g. loss, correct) plus "count"; the loop adds them over ranks."""
+    def evaluate(self, models: Models, batch: Batch) -> dict[str, float | torch.Tensor]:
+        """Validation sums over a batch (e.g. loss, correct) plus "count", as floats or 0-d tensors (left on the
+        device, they cost no wait there); the loop adds them over ranks."""
         ...
 
 
