@@ -33,9 +33,9 @@ class GPTConfig:
 
 # Sizes by name; the block size is set apart (GPTConfig.sized). 12 tensors a block and 4 more in all.
 PRESETS = {
-    "tiny": GPTConfig(layers=1, heads=2, width=32),  # 22k parameters: tests
+    "tiny": GPTConfig(layers=1, heads=2, width=32),  # 25k parameters at block size 128: tests
     "small": GPTConfig(layers=2, heads=4, width=128),  # 0.45M: --task lm's default, learns in minutes on 2 cores
-    "medium": GPTConfig(layers=8, heads=7, width=448),  # 19.4M parameters, 100 tensors: the benchmarks' GPT
+    "medium": GPTConfig(layers=8, heads=7, width=448),  # 19.5M parameters, 100 tensors: the benchmarks' GPT
 }
 
 
