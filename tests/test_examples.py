@@ -8,12 +8,11 @@ from __future__ import annotations
 import ast
 import json
 import re
-import sys
 
 import pytest
 import torch
 
-from tests.launching import ROOT, run, run_ranks
+from tests.launching import ROOT, run_ranks
 
 EXAMPLES = ROOT / "examples"
 # The two lines that differ, as ddp_torch_style.py's docstring shows them: distrib's, then torch's.
@@ -85,10 +84,9 @@ def test_custom_task_trains_through_the_cli(tmp_path):
     assert epochs[-1]["val_loss"] < 0.05 and epochs[-1]["val_count"] == 1024, epochs[-1]
 
 
-@pytest.mark.parametrize("ranks", [1, 3])
-def test_collectives_example(ranks):
-    script = str(EXAMPLES / "collectives.py")
-    result = run_ranks("mpiexec", ranks, [script], timeout=60) if ranks > 1 else run([sys.executable, script], 60)
+def test_collectives_example():
+    ranks = 3  # an odd world size: reduce_scatter's parts and the ring's steps do not pair up
+    result = run_ranks("mpiexec", ranks, [str(EXAMPLES / "collectives.py")], timeout=60)
     assert result.returncode == 0, result.stderr[-3000:]  # its asserts check every result against the sums
     # Ranks print at once, so lines may share a line of output: find each rank's report.
     reports = re.findall(rf"rank (\d) of {ranks}: allreduce (\d+),", result.stdout)
