@@ -201,6 +201,15 @@ def test_an_untrained_model_scores_about_eight_bits(stdlib):
     assert stats["bits_per_byte"] == pytest.approx(stats["loss"] / math.log(2))
 
 
+def test_a_sample_continues_the_prompt_and_prints_safely(stdlib):
+    task = LanguageModel(corpus=stdlib, size="tiny", block_size=16, prompt=b"def ")
+    models = task.build()
+    text = task.sample(models, length=40)  # longer than the block: generation slides its window
+    assert text == task.sample(models, length=40) and text.startswith("def ")  # seeded by the task's seed
+    assert "\ufffd" in text  # an untrained model writes any byte; control bytes are never printed as they are
+    assert all(c.isprintable() or c in "\n\t" for c in text), repr(text)
+
+
 # The task through the CLI.
 
 

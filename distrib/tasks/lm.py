@@ -82,7 +82,8 @@ class LanguageModel:
         return {"loss": nats, "bits_per_byte": nats / math.log(2), "count": float(len(losses))}
 
     def sample(self, models: Models, length: int = 300) -> str:
-        """Text the model writes after the prompt, sampled with a generator seeded by the task's seed."""
+        """Text the model writes after the prompt, sampled with a generator seeded by the task's seed; bytes that are
+        not printable UTF-8 show as U+FFFD."""
         model = unwrap(models["model"])
         device = next(model.parameters()).device
         prompt = torch.tensor(list(self.prompt or b"\n"), dtype=torch.int64, device=device)
@@ -90,7 +91,8 @@ class LanguageModel:
         model.eval()
         ids = model.generate(prompt, length, torch.Generator().manual_seed(self.seed))
         model.train(was_training)
-        return bytes(ids.tolist()).decode("utf-8", errors="replace")
+        text = bytes(ids.tolist()).decode("utf-8", errors="replace")
+        return "".join(c if c.isprintable() or c in "\n\t" else "\ufffd" for c in text)  # no terminal escapes
 
     def _window(self, data: torch.Tensor, starts: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
         """The block_size + 1 bytes from each start, as token ids on the model's device."""
