@@ -68,6 +68,7 @@ def main(out: str) -> None:
     if rank == 0:
         torch.save(model.state_dict(), out)
     dist.barrier()  # no rank leaves while rank 0 still writes
+    dist.destroy_process_group()  # before exit: gloo's threads must not outlive the interpreter
 
 
 if __name__ == "__main__":

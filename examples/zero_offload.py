@@ -54,7 +54,7 @@ def main(out: str) -> None:
             print(f"epoch {epoch}: validation loss {loss.item():.4f}", flush=True)
     if rank == 0:
         torch.save(model.state_dict(), out)
-    dist.barrier()
+    dist.barrier()  # no rank leaves while rank 0 still writes
 
 
 if __name__ == "__main__":
