@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     _prepare(out, progress.epoch if resumed else None, comm)  # the first write: every check above has passed
     history, status = _train(args, task, wrapped, state, saver, comm, out)
     if status == 0 and comm.rank == 0:
-        _save_results(out, models, history)
+        _save_results(out, task, models, history)
     return status
 
 
@@ -207,8 +207,9 @@ def _short_epoch(batch_size: int, samples: float, progress: Progress) -> bool:
     return short
 
 
-def _save_results(out: Path, models: Models, history: list[dict[str, float]]) -> None:
-    """Rank 0: the weights as a plain state_dict, the learning curves, and the final validation stats."""
+def _save_results(out: Path, task: Task, models: Models, history: list[dict[str, float]]) -> None:
+    """Rank 0: the weights as a plain state_dict, the learning curves, the final validation stats, and a sample
+    of what the models make, for a task that can show one (a language model's text)."""
     weights = {p: {k: v.cpu() for k, v in m.state_dict().items()} for p, m in models.items()}  # loads anywhere
     try:
         atomic.write(out / "model.pt", weights["model"] if list(weights) == ["model"] else weights)
@@ -221,6 +222,8 @@ def _save_results(out: Path, models: Models, history: list[dict[str, float]]) ->
     shown = {k: v for k, v in history[-1].items() if k.startswith("val_") and k != "val_count"} if history else {}
     final = " (final " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()) + ")" if shown else ""
     print(f"run saved in {out}{final}")
+    if hasattr(task, "sample"):
+        print(f"sample:\n{task.sample(models)}")
 
 
 def _resume(saver: Checkpointer, args: argparse.Namespace, out: Path, comm: distrib.Communicator) -> bool:

@@ -97,7 +97,7 @@ def test_data_of_the_wrong_form(content, message, tmp_path, capsys):
 
 def test_data_for_another_task(small_data, tmp_path, capsys):
     line = fails(["--data", str(small_data), "--task", "tests.faulty:task", "--out", str(tmp_path / "r")], capsys)
-    assert "only --task classify reads --data, not 'tests.faulty:task'; drop --data" in line
+    assert "only --task classify and lm read --data, not 'tests.faulty:task'; drop --data" in line
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,10 @@ from distrib.device import DEVICES, PRECISIONS
 from distrib.env import LaunchError, read_world
 from distrib.process import BACKENDS
 from distrib.steps import ON_NAN
+from distrib.tasks import corpus
 from distrib.tasks.classify import Classify, read_data
+from distrib.tasks.gpt import PRESETS
+from distrib.tasks.lm import LanguageModel
 
 PROG = "python -m distrib.train"
 _QUIET_RANKS_WAIT = 2.0  # seconds the other ranks wait under torchrun, so that rank 0 fails first
@@ -127,7 +130,11 @@ def parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--allreduce", choices=ALGORITHMS, default="native", help="the gradient allreduce")
     p.add_argument("--timeout", type=_positive(float), default=None, help="seconds a collective waits for a peer")
     p.add_argument("--zero-offload", action="store_true", help="ZeRO-Offload: sharded Adam(W) steps on the CPU")
-    p.add_argument("--data", type=Path, default=None, help="(inputs, labels) saved by torch.save, for --task classify")
+    p.add_argument(
+        "--data", type=Path, default=None, help="classify: (inputs, labels) from torch.save; lm: UTF-8 text or a dir"
+    )
+    p.add_argument("--block-size", type=_positive(int), default=None, help="lm: bytes of context (default 128)")
+    p.add_argument("--model-size", choices=PRESETS, default=None, help="lm: the GPT's size (default small)")
     p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/TASK-TIME)")
     p.add_argument(
         "--checkpoint-every", type=_positive(int), default=None, metavar="N", help="steps (also: at each epoch's end)"
@@ -177,18 +184,36 @@ def parse(argv: list[str] | None, description: str | None = None) -> tuple[argpa
 
 
 def _task(args: argparse.Namespace) -> tasks.Task:
-    """The task by name, or the classify task over the tensors of --data."""
+    """The task by name; classify over the tensors of --data, or lm over its text and sizes."""
+    lm_only = [f"--{k.replace('_', '-')}" for k in ("block_size", "model_size") if getattr(args, k) is not None]
+    if args.task != "lm" and lm_only:
+        fail(f"argument {lm_only[0]}: only --task lm takes {lm_only[0]}, not {args.task!r}; drop it")
+    if args.task == "lm":
+        return _language_model(args)
     if args.data is None:
         try:
             return tasks.load(args.task, seed=args.seed)
         except ValueError as error:
             fail(f"argument --task: {error}")
     if args.task != "classify":
-        fail(f"argument --data: only --task classify reads --data, not {args.task!r}; drop --data")
+        fail(f"argument --data: only --task classify and lm read --data, not {args.task!r}; drop --data")
     try:
         return Classify(seed=args.seed, data=read_data(args.data))
     except ValueError as error:
         fail(f"argument --data: {error}")
+
+
+def _language_model(args: argparse.Namespace) -> LanguageModel:
+    """The lm task over the standard library or --data, at --block-size and --model-size."""
+    try:
+        text = corpus.load(args.data)
+    except ValueError as error:
+        fail(f"argument --data: {error}")
+    sizes = {"block_size": args.block_size, "size": args.model_size}
+    try:
+        return LanguageModel(seed=args.seed, corpus=text, **{k: v for k, v in sizes.items() if v is not None})
+    except ValueError as error:
+        fail(f"argument --block-size: {error}")
 
 
 def settings(args: argparse.Namespace) -> dict[str, object]:

@@ -11,6 +11,7 @@ from distrib.tasks.autoencoder import Autoencoder
 from distrib.tasks.base import Batch, Models, Task
 from distrib.tasks.classify import Classify
 from distrib.tasks.gan import GAN
+from distrib.tasks.lm import LanguageModel
 
 BUILTIN: dict[str, Callable[..., Task]] = {
     "classify": Classify,
@@ -18,6 +19,7 @@ BUILTIN: dict[str, Callable[..., Task]] = {
     "gan": GAN,
     "rl": rl.ReinforcementLearning,
     "rl-on-policy": rl.on_policy,
+    "lm": LanguageModel,
 }
 
 

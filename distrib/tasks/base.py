@@ -32,7 +32,8 @@ class Task(Protocol):
     `phases` names the models updated in turn on each minibatch: ("model",) for most tasks, a GAN's
     ("discriminator", "generator"). Each phase has its own optimizer and its own apply/targets/loss.
     A task that keeps state across epochs (RL's replay memory) adds state_dict() and load_state_dict() of
-    tensors and plain values; checkpoints then hold it too.
+    tensors and plain values; checkpoints then hold it too. A task that can show what its models make adds
+    sample(models) -> str; python -m distrib.train prints it at the end of a run (a language model's text).
     """
 
     phases: Sequence[str]
