@@ -1,12 +1,13 @@
-"""How fast is distrib's DDP? Training steps of a 21M-parameter MLP against torch's DDP over gloo, at 1, 2, 4 ranks.
+"""How fast is distrib's DDP? Training steps of a 21M-parameter MLP (7 tensors) or a 19.5M-parameter GPT (100
+tensors) against torch's DDP over gloo, at 1, 2, 4 ranks.
 
-python -m benchmarks.ddp [--ranks 1 2 4] [--json FILE] [--plot FILE.png]   (drives one mpiexec job per world size)
-mpiexec -n N python -m benchmarks.ddp --worker ROWS.json                   (one world size; torchrun works too,
-                                                                            without the mpi rows)
+python -m benchmarks.ddp [--model mlp|gpt|gpt-tiny] [--ranks 1 2 4] [--json FILE] [--plot FILE.png]
+                                                            (drives one mpiexec job per world size)
+mpiexec -n N python -m benchmarks.ddp --worker ROWS.json    (one world size; torchrun works too, without the mpi rows)
 Every implementation trains its own copy of the model from the same start; they take turns round by round (a fresh
 model each round, the order rotating) so background load hits all alike. A step's time is the slowest rank's.
 Where the time goes: "no communication" (the plain module) is the compute; step minus compute is the exposed
-communication; allreduce_ms is one allreduce of all 84 MB of gradients alone, the communication to hide.
+communication; allreduce_ms is one allreduce of all the gradients alone (84 MB, 78 MB), the communication to hide.
 """
 
 from __future__ import annotations
@@ -27,10 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks import gpt
 from benchmarks.common import RESULTS, machine, print_table, save_figure, subplots
 
 WIDTHS = (1024, 2048, 2048, 2048, 2048, 2048, 1024)  # 21.0M parameters
-GLOBAL_BATCH = 256  # fixed, split over the ranks (strong scaling), as in the issue's measurement
+MODELS = ("mlp", *gpt.SIZES)
+# Fixed, split over the ranks (strong scaling), as in the issue's measurement; the GPT's are sequences of
+# gpt.BLOCK tokens, about as much compute a step as the MLP's 256 samples.
+GLOBAL_BATCH = {"mlp": 256, "gpt": 8, "gpt-tiny": 8}
 PLAIN, TORCH = "no communication", "torch DDP gloo"
 COLUMNS = {"ranks": "d", "impl": "", "median_ms": ".1f", "min_ms": ".1f", "max_ms": ".1f", "samples_per_s": ".0f"}
 COLUMNS |= {"efficiency": ".2f", "vs_torch": ".2f", "exposed_comm_ms": ".1f", "allreduce_ms": ".1f"}
@@ -40,6 +45,23 @@ def mlp() -> nn.Sequential:
     torch.manual_seed(0)
     layers = [m for a, b in zip(WIDTHS, WIDTHS[1:]) for m in (nn.Linear(a, b), nn.ReLU())]
     return nn.Sequential(*layers[:-1])
+
+
+def build(model: str) -> nn.Module:
+    return mlp() if model == "mlp" else gpt.model(model)
+
+
+def batch(model: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n inputs and targets for `model`: random points and values, or random token sequences."""
+    return (torch.randn(n, WIDTHS[0]), torch.randn(n, WIDTHS[-1])) if model == "mlp" else gpt.batch(n)
+
+
+def loss(model: str, out: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(out, targets) if model == "mlp" else gpt.loss(out, targets)
+
+
+def describe(model: str) -> str:
+    return f"MLP {WIDTHS}" if model == "mlp" else gpt.describe(model)
 
 
 def communicators() -> dict:
@@ -82,26 +104,26 @@ def allreduce_ms(comm, algorithm: str | None, numel: int, repeats: int) -> float
     return statistics.median(times[1:]) * 1e3
 
 
-def worker(out: Path, rounds: int, steps: int, only: list[str] | None) -> None:
+def worker(out: Path, model_name: str, rounds: int, steps: int, only: list[str] | None) -> None:
     """One rank: every implementation trains `steps` timed steps (after one untimed) per round, taking turns."""
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     comms = communicators()
     comm = next(iter(comms.values()))
     wrap = {impl: f for impl, f in wrappers(comms).items() if impl in (PLAIN, TORCH) or not only or impl in only}
-    batch = GLOBAL_BATCH // comm.size
-    x, y = torch.randn(batch, WIDTHS[0]), torch.randn(batch, WIDTHS[-1])
+    per_rank = GLOBAL_BATCH[model_name] // comm.size
+    x, y = batch(model_name, per_rank)
     times: dict[str, list[float]] = {impl: [] for impl in wrap}
     # torch's DDP is never freed (its C++ reducer keeps itself, and the gloo group, alive), so it is built once.
-    kept = {TORCH: wrap[TORCH](mlp())}
+    kept = {TORCH: wrap[TORCH](build(model_name))}
     for r in range(rounds):
         names = list(wrap)
         for impl in names[r % len(names) :] + names[: r % len(names)]:
-            model = kept[impl] if impl in kept else wrap[impl](mlp())
+            model = kept[impl] if impl in kept else wrap[impl](build(model_name))
             optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
             for s in range(steps + 1):
                 comm.barrier()
                 start = time.perf_counter()
-                F.mse_loss(model(x), y).backward()
+                loss(model_name, model(x), y).backward()
                 optimizer.step()
                 optimizer.zero_grad()
                 took = comm.allreduce(torch.tensor([time.perf_counter() - start]), op="max")
@@ -109,7 +131,7 @@ def worker(out: Path, rounds: int, steps: int, only: list[str] | None) -> None:
                     times[impl].append(float(took))
             del model, optimizer
             gc.collect()  # a DDP wrapper sits in reference cycles; free its buffers before the next one
-    params = sum(p.numel() for p in mlp().parameters())
+    params = sum(p.numel() for p in build(model_name).parameters())
     alone = {TORCH: allreduce_ms(comms["gloo"], "native", params, steps)}
     # gloo first: torch's DDP keeps the gloo group, and its worker threads, alive into interpreter teardown, where
     # a worker still releasing a finished allreduce aborts the process; MPI's work afterwards gives it the time.
@@ -124,12 +146,13 @@ def worker(out: Path, rounds: int, steps: int, only: list[str] | None) -> None:
             {
                 "ranks": comm.size,
                 "impl": impl,
+                "model": model_name,
                 "params": params,
-                "batch_per_rank": batch,
+                "batch_per_rank": per_rank,
                 "median_ms": median * 1e3,
                 "min_ms": min(samples) * 1e3,
                 "max_ms": max(samples) * 1e3,
-                "samples_per_s": GLOBAL_BATCH / median,
+                "samples_per_s": GLOBAL_BATCH[model_name] / median,
                 "exposed_comm_ms": (median - compute) * 1e3,
                 "allreduce_ms": alone.get(impl),
             }
@@ -139,7 +162,7 @@ def worker(out: Path, rounds: int, steps: int, only: list[str] | None) -> None:
     comm.barrier()  # nobody tears its connections down while a peer still uses them
 
 
-def drive(ranks: list[int], rounds: int, steps: int, threads: int, only: list[str] | None) -> list[dict]:
+def drive(model: str, ranks: list[int], rounds: int, steps: int, threads: int, only: list[str] | None) -> list[dict]:
     """Rows for every world size, each one mpiexec job; adds scaling efficiency and the ratio to torch's DDP."""
     mpiexec = Path(sys.executable).parent / "mpiexec"
     rows: list[dict] = []
@@ -154,7 +177,7 @@ def drive(ranks: list[int], rounds: int, steps: int, threads: int, only: list[st
                 "-m",
                 "benchmarks.ddp",
             ]
-            cmd += ["--worker", str(out), "--rounds", str(rounds), "--steps", str(steps)]
+            cmd += ["--worker", str(out), "--model", model, "--rounds", str(rounds), "--steps", str(steps)]
             cmd += ["--impls", *only] if only else []
             env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
             subprocess.run(cmd, check=True, cwd=Path(__file__).parent.parent, env=env, timeout=3600)
@@ -178,8 +201,9 @@ def plot(rows: list[dict], path: Path) -> None:
         style = "--" if impl in (PLAIN, TORCH) else "-"
         ax_ms.errorbar(ranks, median, yerr=spread, marker="o", capsize=3, linestyle=style, label=impl)
         ax_ratio.plot(ranks, [r["vs_torch"] for r in mine], marker="o", linestyle=style, label=impl)
-    ax_ms.set(xlabel="ranks", ylabel="training step (ms), median and min-max", title=f"MLP {WIDTHS}")
-    ax_ratio.set(xlabel="ranks", ylabel="step time / torch DDP's", title=f"global batch {GLOBAL_BATCH}")
+    model = rows[0]["model"]
+    ax_ms.set(xlabel="ranks", ylabel="training step (ms), median and min-max", title=describe(model))
+    ax_ratio.set(xlabel="ranks", ylabel="step time / torch DDP's", title=f"global batch {GLOBAL_BATCH[model]}")
     for ax in (ax_ms, ax_ratio):
         ax.set_xticks(sorted({r["ranks"] for r in rows}))
         ax.legend(fontsize=7)
@@ -193,8 +217,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=5, help="turns each implementation takes, a fresh model each")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per round (after one untimed)")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS per rank")
-    parser.add_argument("--json", type=Path, default=RESULTS / "ddp.json", help="all rows")
-    parser.add_argument("--plot", type=Path, default=RESULTS / "ddp.png", help="PNG figure")
+    parser.add_argument("--model", choices=MODELS, default="mlp", help="a few large tensors, or a GPT's many")
+    parser.add_argument("--json", type=Path, help="all rows (default: results/ddp.json, ddp_gpt.json for the GPT)")
+    parser.add_argument("--plot", type=Path, help="PNG figure (default: beside the JSON)")
     parser.add_argument(
         "--impls", nargs="+", help="only these distrib rows, e.g. 'distrib mpi ring' (and the baselines)"
     )
@@ -203,18 +228,22 @@ def main(argv: list[str] | None = None) -> None:
     if min(args.ranks) < 1 or args.rounds < 1 or args.steps < 1 or args.threads < 1:
         parser.error("--ranks, --rounds, --steps and --threads must all be >= 1")
     if args.worker:
-        worker(args.worker, args.rounds, args.steps, args.impls)
+        worker(args.worker, args.model, args.rounds, args.steps, args.impls)
         return
+    args.json = args.json or RESULTS / ("ddp.json" if args.model == "mlp" else f"ddp_{args.model}.json")
+    args.plot = args.plot or args.json.with_suffix(".png")
     stamp = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     load = os.getloadavg()[0]
-    rows = drive(args.ranks, args.rounds, args.steps, args.threads, args.impls)
+    rows = drive(args.model, args.ranks, args.rounds, args.steps, args.threads, args.impls)
     title = (
-        f"Training step of MLP {WIDTHS} ({rows[0]['params']:,} parameters), global batch {GLOBAL_BATCH}, "
+        f"Training step of {describe(args.model)} ({rows[0]['params']:,} parameters), "
+        f"global batch {GLOBAL_BATCH[args.model]}, "
         f"{args.threads} thread(s) per rank, {args.rounds * args.steps} timed steps (slowest rank)"
     )
     print_table(title, rows, COLUMNS)
     settings = {"ranks": args.ranks, "rounds": args.rounds, "steps": args.steps, "threads": args.threads}
-    settings |= {"widths": WIDTHS, "global_batch": GLOBAL_BATCH, "optimizer": "SGD"}
+    settings |= {"model": args.model, "global_batch": GLOBAL_BATCH[args.model], "optimizer": "SGD"}
+    settings |= {"widths": WIDTHS} if args.model == "mlp" else {"gpt": gpt.describe(args.model)}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python -m benchmarks.ddp", *(sys.argv[1:] if argv is None else argv)])
     result = {"date": stamp, "command": command}

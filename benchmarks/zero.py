@@ -1,7 +1,9 @@
 """How fast is ZeRO-Offload? Section cpu_adam: the CPU optimizer step against torch.optim.Adam and DRAM.
-Section train: a training step and the optimizer memory per rank of ZeRO-Offload against DDP+Adam, 1-4 ranks.
+Section train (benchmarks/zero_train.py): a training step and the optimizer memory per rank of ZeRO-Offload against
+DDP+Adam, 1-4 ranks, on a 20M-parameter MLP (--model mlp) or GPT (--model gpt).
 
 python -m benchmarks.zero [--sections cpu_adam train] [--sizes 1e6 1e7 1e8] [--threads N] [--ranks 1 2 4]
+                          [--model mlp|gpt|gpt-tiny]
 """
 
 from __future__ import annotations
@@ -9,23 +11,17 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from benchmarks import common
+from benchmarks import common, zero_train
 from benchmarks.common import RESULTS, print_table, save_figure, subplots
 from distrib.comm import ALGORITHMS
 from distrib.zero.cpu_adam import adam_step_
-from distrib.zero.layout import FlatLayout, flatten_
 
 BYTES_PER_PARAM = 28  # read param, grad, exp_avg, exp_avg_sq (16) + write param, exp_avg, exp_avg_sq (12)
 COPY_ELEMENTS = 10**8  # 400 MB a side, far past any cache, so copy_ runs at DRAM speed
@@ -148,143 +144,6 @@ def machine() -> dict:
     }
 
 
-# Section train: a training step of ZeRO-Offload against DDP+Adam, at each world size, under mpiexec.
-
-WIDTHS = (1024, 3584, 3584, 1024)  # an MLP of 20.2M parameters
-ZERO, DELAYED, DDP = "ZeRO-Offload", "ZeRO-Offload delay_update", "DDP+Adam"
-BLOCK = 3  # steps in a row per implementation
-TRAIN_COLUMNS = {"ranks": "d", "algorithm": "", "impl": "", "median_ms": ".1f", "min_ms": ".1f", "max_ms": ".1f"}
-TRAIN_COLUMNS |= {
-    "after_backward_ms": ".1f",
-    "optimizer_mb_per_rank": ".1f",
-    "time_vs_ddp": ".2f",
-    "memory_vs_ddp": ".3f",
-}
-
-
-class DDPAdam:
-    """The baseline: gradients as views of one flat buffer, one allreduce of it, torch.optim.Adam(fused=True)."""
-
-    def __init__(self, model: torch.nn.Module, comm, algorithm: str) -> None:
-        params = list(model.parameters())
-        _, self.grads = flatten_(params, FlatLayout(tuple(p.shape for p in params), (len(params),), 1))
-        self.comm, self.algorithm, self.adam = comm, algorithm, torch.optim.Adam(params, lr=1e-4, fused=True)
-
-    def step(self) -> None:
-        self.comm.allreduce(self.grads, op="avg", algorithm=self.algorithm)
-        self.adam.step()
-
-    def zero_grad(self) -> None:
-        self.grads.zero_()
-
-    def state_nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for state in self.adam.state.values() for t in state.values())
-
-
-def mlp() -> torch.nn.Module:
-    layers = [m for a, b in itertools.pairwise(WIDTHS) for m in (torch.nn.Linear(a, b), torch.nn.ReLU())]
-    return torch.nn.Sequential(*layers[:-1])
-
-
-def train_rows(comm, algorithm: str, batch: int, warmup: int, repeats: int) -> list[dict]:
-    """One rank: DDP+Adam and ZeRO-Offload (plain, delayed) take turns; each step's time is the slowest rank's."""
-    from distrib.zero import ZeroOffloadOptimizer
-
-    x, y = torch.randn(batch, WIDTHS[0]), torch.randn(batch, WIDTHS[-1])
-    baseline = mlp()
-    runs = {DDP: (baseline, DDPAdam(baseline, comm, algorithm))}
-    for impl in (ZERO, DELAYED):  # Adam, as the baseline's: the same math
-        model, kw = mlp(), {"lr": 1e-4, "weight_decay": 0.0, "adamw": False, "delay_update": impl == DELAYED}
-        runs[impl] = (model, ZeroOffloadOptimizer(model.parameters(), comm=comm, algorithm=algorithm, **kw))
-    times: dict[str, list[list[float]]] = {impl: [] for impl in runs}  # [whole step, after backward]
-
-    def step(impl: str) -> list[float]:
-        model, opt = runs[impl]
-        comm.barrier()
-        start = time.perf_counter()
-        torch.nn.functional.mse_loss(model(x), y).backward()
-        backward_done = time.perf_counter()
-        opt.step()
-        opt.zero_grad()
-        end = time.perf_counter()
-        return comm.allreduce(torch.tensor([end - start, end - backward_done]), op="max").tolist()
-
-    # Blocks of BLOCK steps, the order rotating each round, so background load hits all alike; the first step of a
-    # block is not timed, so each is timed in its steady state (the delayed one with a CPU step in flight).
-    names = list(runs)
-    for r in range(warmup + math.ceil(repeats / (BLOCK - 1))):
-        for impl in names[r % 3 :] + names[: r % 3]:
-            took = [step(impl) for _ in range(BLOCK)]
-            if impl == DELAYED:
-                runs[impl][1].flush()  # not timed; nothing left to run into the next block
-            times[impl] += took[1:] if r >= warmup else []
-    rows = []
-    for impl, (model, opt) in runs.items():
-        row = summary("train", impl, sum(p.numel() for p in model.parameters()), [t for t, _ in times[impl]], 0)
-        del row["gbps"]
-        row |= {"ranks": comm.size, "algorithm": algorithm}
-        row["after_backward_ms"] = statistics.median(a for _, a in times[impl]) * 1e3
-        row["optimizer_mb_per_rank"] = comm.allreduce(torch.tensor([opt.state_nbytes()]), op="max").item() / 2**20
-        rows.append(row)
-    return rows
-
-
-def train_worker(out: Path, algorithms: list[str], batch: int, warmup: int, repeats: int) -> None:
-    """Each rank of an mpiexec job; rank 0 writes the rows to `out`."""
-    import distrib
-
-    comm = distrib.init()
-    rows = [row for algorithm in algorithms for row in train_rows(comm, algorithm, batch, warmup, repeats)]
-    if comm.rank == 0:
-        out.write_text(json.dumps(rows))
-
-
-def train(ranks: list[int], algorithms: list[str], batch: int, warmup: int, repeats: int) -> list[dict]:
-    """Rows for each implementation at each world size, each world size one mpiexec job of rank processes."""
-    mpiexec = Path(sys.executable).parent / "mpiexec"
-    rows = []
-    for n in ranks:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "rows.json"
-            worker = ["-m", "benchmarks.zero", "--train-worker", str(out), "--batch", str(batch), "--algorithms"]
-            worker += algorithms
-            worker += ["--warmup", str(warmup), "--repeats", str(repeats)]
-            threads = max(1, (os.cpu_count() or 1) // n)  # the cores shared out; more ranks than cores share them
-            env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-            cmd = [str(mpiexec) if mpiexec.exists() else "mpiexec", "-n", str(n), sys.executable, *worker]
-            subprocess.run(cmd, check=True, cwd=Path(__file__).parent.parent, env=env, timeout=1800)
-            found = json.loads(out.read_text())
-        for row in found:
-            ddp = next(r for r in found if r["impl"] == DDP and r["algorithm"] == row["algorithm"])
-            row |= {"threads_per_rank": threads, "time_vs_ddp": row["median_ms"] / ddp["median_ms"]}
-            row["memory_vs_ddp"] = row["optimizer_mb_per_rank"] / ddp["optimizer_mb_per_rank"]
-        rows += found
-    return rows
-
-
-def plot_train(rows: list[dict], path: Path) -> None:
-    """Step time (median, min-max) and optimizer memory per rank against the world size, per implementation."""
-    fig, (ax_ms, ax_mb) = subplots(1, 2, figsize=(11, 4.2))
-    algorithms = list(dict.fromkeys(r["algorithm"] for r in rows))
-    for impl, algorithm in dict.fromkeys((r["impl"], r["algorithm"]) for r in rows):
-        mine = [r for r in rows if r["impl"] == impl and r["algorithm"] == algorithm]
-        ranks, median = [r["ranks"] for r in mine], [r["median_ms"] for r in mine]
-        spread = [[m - r["min_ms"] for m, r in zip(median, mine)], [r["max_ms"] - m for m, r in zip(median, mine)]]
-        style = "-" if algorithm == algorithms[0] else "--"
-        ax_ms.errorbar(ranks, median, yerr=spread, marker="o", capsize=3, ls=style, label=f"{impl}, {algorithm}")
-        if algorithm == algorithms[0]:  # the memory does not depend on the algorithm
-            ax_mb.plot(ranks, [r["optimizer_mb_per_rank"] for r in mine], marker="o", label=impl)
-    ax_ms.set(
-        xlabel="ranks", ylabel="training step (ms), median and min-max", title=f"{rows[0]['params']:,} parameters"
-    )
-    ax_mb.set(xlabel="ranks", ylabel="optimizer state per rank (MiB)", yscale="log", title="optimizer memory")
-    for ax in (ax_ms, ax_mb):
-        ax.set_xticks(sorted({r["ranks"] for r in rows}))
-        ax.legend(fontsize=8)
-    fig.suptitle(f"torch {torch.__version__}, {machine()['cores']} cores shared by all ranks")
-    save_figure(fig, path)
-
-
 def _size(text: str) -> int:
     n = int(float(text))
     if n < 1:
@@ -302,12 +161,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, default=RESULTS / "zero_cpu_adam.json", help="all rows")
     parser.add_argument("--plot", type=Path, default=RESULTS / "zero_cpu_adam.png", help="PNG figure")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4], help="train: world sizes")
-    parser.add_argument("--batch", type=int, default=16, help="train: samples per rank and step")
+    parser.add_argument("--model", choices=zero_train.MODELS, default="mlp", help="train: the model trained")
+    parser.add_argument("--batch", type=int, help="train: samples per rank and step (mlp 16, gpt 4 sequences)")
     parser.add_argument("--algorithms", nargs="+", choices=ALGORITHMS, default=["native", "ring"], help="train")
-    parser.add_argument("--train-json", type=Path, default=RESULTS / "zero_train.json", help="train rows")
-    parser.add_argument("--train-plot", type=Path, default=RESULTS / "zero_train.png", help="train PNG figure")
+    parser.add_argument("--train-json", type=Path, help="train rows (default: zero_train.json, zero_train_gpt.json)")
+    parser.add_argument("--train-plot", type=Path, help="train PNG figure (default: beside the train JSON)")
     parser.add_argument("--train-worker", type=Path, help=argparse.SUPPRESS)  # set by train() for each rank
     args = parser.parse_args(argv)
+    args.batch = zero_train.BATCH[args.model] if args.batch is None else args.batch
+    args.train_json = args.train_json or RESULTS / f"zero_train{'' if args.model == 'mlp' else '_' + args.model}.json"
+    args.train_plot = args.train_plot or args.train_json.with_suffix(".png")
     if args.threads is not None:
         if args.threads < 1:
             parser.error(f"--threads must be >= 1, got {args.threads}")
@@ -317,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     if min(args.ranks) < 1 or args.batch < 1:
         parser.error(f"--ranks and --batch must be >= 1, got {args.ranks} and {args.batch}")
     if args.train_worker:
-        train_worker(args.train_worker, args.algorithms, args.batch, args.warmup, args.repeats)
+        zero_train.train_worker(args.train_worker, args.model, args.algorithms, args.batch, args.warmup, args.repeats)
         return
 
     info = machine()
@@ -332,15 +195,16 @@ def main(argv: list[str] | None = None) -> None:
         plot_cpu_adam(rows, args.plot)
         print(f"\nwrote {args.json} and {args.plot}")
     if "train" in args.sections:
-        rows = train(args.ranks, args.algorithms, args.batch, args.warmup, args.repeats)
-        title = f"Training step, MLP {WIDTHS}, batch {args.batch} per rank, {args.repeats} timed steps (slowest rank)"
-        print_table(title, rows, TRAIN_COLUMNS)
-        settings = {"ranks": args.ranks, "algorithms": args.algorithms, "batch": args.batch, "widths": WIDTHS}
+        rows = zero_train.train(args.model, args.ranks, args.algorithms, args.batch, args.warmup, args.repeats)
+        title = f"Training step, {zero_train.describe(args.model)}, batch {args.batch} per rank, {args.repeats} timed "
+        print_table(title + "steps (slowest rank)", rows, zero_train.TRAIN_COLUMNS)
+        settings = {"ranks": args.ranks, "algorithms": args.algorithms, "batch": args.batch, "model": args.model}
+        settings |= {"widths": zero_train.WIDTHS} if args.model == "mlp" else {"gpt": zero_train.describe(args.model)}
         settings["warmup"] = args.warmup
         settings |= {"repeats": args.repeats, "ddp": "flat allreduce(avg) + torch.optim.Adam(fused=True)"}
         args.train_json.parent.mkdir(parents=True, exist_ok=True)
         args.train_json.write_text(json.dumps({"machine": info, "settings": settings, "rows": rows}, indent=1) + "\n")
-        plot_train(rows, args.train_plot)
+        zero_train.plot_train(rows, args.train_plot)
         print(f"\nwrote {args.train_json} and {args.train_plot}")
 
 

@@ -3,12 +3,15 @@
 The loop sees models and optimizers; whether gradients cross ranks in a DDP wrapper's hooks or in a ZeRO
 optimizer's step, it does not know. Every rank runs the same steps, so no rank waits at an epoch's end, and
 every rank takes the same decision on a non-finite step or a stop request, so none is left waiting either.
-The bookkeeping (time per stage, that agreement, loss sums) lives in distrib/steps.py.
+The bookkeeping (time per stage, that agreement, loss sums) lives in distrib/steps.py. The device is the models':
+data collected on the CPU goes there (distrib/device.py), and the losses and validation sums stay there until the
+one small collective per step or epoch that needs them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,6 +20,7 @@ import torch
 
 from distrib.comm import Communicator
 from distrib.data import Shard, loss_scale, num_steps, shard, split
+from distrib.device import PRECISIONS, Feeder, autocast, where
 from distrib.local_sgd import settle
 from distrib.steps import ON_NAN, Clock, NonFiniteError, Progress, Stopped, Verdict, clip, end_epoch, finish_step, vote
 from distrib.tasks.base import Batch, Models, Task
@@ -28,7 +32,8 @@ VALIDATION_CHUNK = 4096  # samples a rank evaluates at once: bounds the memory o
 
 @dataclass(frozen=True)
 class LoopConfig:
-    """How to go over the data: epochs, global batch, accumulation, clipping, the shuffling seed, NaN policy."""
+    """How to go over the data: epochs, global batch, accumulation, clipping, the shuffling seed, NaN policy, and
+    the precision of forward passes ("bf16": autocast on the models' device, weights and optimizer stay fp32)."""
 
     epochs: int
     batch_size: int  # the global minibatch, over all ranks
@@ -36,10 +41,13 @@ class LoopConfig:
     clip_grad: float | None = None  # max global gradient norm, after averaging over ranks
     seed: int = 0
     on_nan: str = "error"  # a non-finite loss or gradient: "error" stops the run, "skip" drops that step
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.on_nan not in ON_NAN:
             raise ValueError(f"on_nan must be one of {', '.join(ON_NAN)}; got {self.on_nan!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
 
 
 def fit(
@@ -62,15 +70,17 @@ def fit(
     progress = progress if progress is not None else Progress()
     history = []
     reported = optimizers[task.phases[0]].param_groups[0]  # whose lr the steps and epochs report
+    feeder = Feeder(where(models[task.phases[0]]))  # the models' device, where every minibatch goes
     while progress.epoch < config.epochs:
-        clock = Clock(comm)
+        clock = Clock(comm, feeder.device)
         for model in models.values():
             model.train()
         with clock("collect"):
             dataset = task.collect(progress.epoch, models, comm)  # from disk, or from agent-environment interaction
+            rows = functools.partial(feeder.rows, feeder.hold(dataset))  # held on the device if it fits there
         for group in _extract(dataset, task, config, comm, progress):  # shuffled global batches, this rank's share
             verdicts = [
-                _step(task, phase, models, optimizers[phase], dataset, group, comm, clock, progress, config, stop)
+                _step(task, phase, models, optimizers[phase], rows, group, comm, clock, progress, config, stop)
                 for phase in task.phases
             ]
             for phase in task.phases:
@@ -80,7 +90,7 @@ def fit(
         with clock("step"):
             settle(optimizers)  # local SGD: the ranks' replicas averaged, so all validate (and save) one model
         with clock("validation"):
-            validation = validate(task, models, comm)  # reduced over all ranks
+            validation = validate(task, models, comm, config.precision)  # reduced over all ranks
         history.append(end_epoch(progress, task.phases, comm, clock, validation, reported["lr"], config.on_nan))
         if on_epoch is not None:
             on_epoch(history[-1])
@@ -103,7 +113,7 @@ def _step(
     phase: str,
     models: Models,
     optimizer: torch.optim.Optimizer,
-    dataset: Batch,
+    rows: Callable[[torch.Tensor], list[torch.Tensor]],
     group: list[Shard],
     comm: Communicator,
     clock: Clock,
@@ -111,26 +121,30 @@ def _step(
     config: LoopConfig,
     stop: Callable[[], int] | None,
 ) -> Verdict:
-    """One phase's optimizer step on one global batch: apply, targets, loss, gradients, collect, apply gradients."""
+    """One phase's optimizer step on one global batch: apply, targets, loss, gradients, collect, apply gradients.
+
+    `rows(indices)`: those rows of the epoch's data, on the device of the models.
+    """
     model = models[phase]
+    device = where(model)
     optimizer.zero_grad(set_to_none=True)
     scale = loss_scale(sum(part.global_count for part in group), comm.size)  # the mean over the whole global batch
-    loss_sum = 0.0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # on the device: read once, by the vote
     for i, part in enumerate(group):  # micro-batches: gradients cross ranks on the last one only (accumulation)
         with clock("data"):
-            minibatch = [t[part.indices] for t in dataset]
+            minibatch = rows(part.indices)
         with _no_sync(model) if i < len(group) - 1 else contextlib.nullcontext():
-            with clock("forward"):
+            with clock("forward"), autocast(device, config.precision):
                 guesses = task.apply(phase, models, minibatch)
                 targets = task.targets(phase, models, minibatch, guesses)  # given, from the input, noise or rewards
-                losses = task.loss(phase, guesses, targets)  # per sample
+                losses = task.loss(phase, guesses, targets).float()  # per sample
             with clock("backward"):
                 (losses.sum() * scale).backward()  # DDP's hooks average the gradients over ranks; ZeRO's step does
-        loss_sum += float(losses.detach().sum())
+        loss_sum += losses.detach().sum()
     with clock("step"):
         norm = clip(model, optimizer, config.clip_grad)
     with clock("wait"):  # a tiny allreduce: its time is mostly waiting for the slowest rank
-        verdict = vote(comm, phase, loss_sum, model, norm, stop)  # every rank decides alike
+        verdict = vote(comm, phase, float(loss_sum), model, norm, stop)  # every rank decides alike
     if verdict.finite:
         with clock("step"):
             optimizer.step()  # ZeRO: reduce-scatter, CPU step, allgather; local SGD: every H steps, the outer step
@@ -140,21 +154,25 @@ def _step(
 
 
 @torch.no_grad()
-def validate(task: Task, models: Models, comm: Communicator) -> dict[str, float]:
-    """Validation stats over all ranks: each rank evaluates its slice, the sums are added, then divided once."""
+def validate(task: Task, models: Models, comm: Communicator, precision: str = "fp32") -> dict[str, float]:
+    """Validation stats over all ranks: each rank evaluates its slice on the models' device, the sums are added
+    there (floats or 0-d tensors), then over ranks in one allreduce, then divided once."""
     for model in models.values():
         model.eval()
+    feeder = Feeder(where(next(iter(models.values()))))
     data = task.validation()
     start, stop = split(len(data[0]), comm.rank, comm.size)
-    totals: dict[str, float] = {}
+    totals: dict[str, float | torch.Tensor] = {}
     for begin in range(start, stop, VALIDATION_CHUNK) or [start]:  # a rank with an empty slice still reports its keys
-        end = min(begin + VALIDATION_CHUNK, stop)
-        for key, value in task.evaluate(models, [t[begin:end] for t in data]).items():
-            totals[key] = totals.get(key, 0.0) + value
+        chunk = feeder.rows(data, slice(begin, min(begin + VALIDATION_CHUNK, stop)))
+        with autocast(feeder.device, precision):
+            for key, value in task.evaluate(models, chunk).items():
+                totals[key] = totals.get(key, 0.0) + value
     keys = sorted(totals)
-    sums = comm.allreduce(torch.tensor([totals.get(k, 0.0) for k in keys], dtype=torch.float64))
-    count = float(sums[keys.index("count")])
-    return {f"val_{k}": float(v) / count for k, v in zip(keys, sums) if k != "count"} | {"val_count": count}
+    sums = torch.stack([torch.as_tensor(totals[k], dtype=torch.float64, device=feeder.device) for k in keys])
+    sums = comm.allreduce(sums).tolist()
+    count = sums[keys.index("count")]
+    return {f"val_{k}": v / count for k, v in zip(keys, sums) if k != "count"} | {"val_count": count}
 
 
 def _groups(minibatches: Iterator[Shard], size: int) -> Iterator[list[Shard]]:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from distrib.comm import Communicator
+from distrib.device import choose
 from distrib.env import LaunchError, World, read_world
 
 BACKENDS = ("mpi", "gloo", "nccl", "local")
@@ -38,21 +39,25 @@ class _State:
 STATE = _State()
 
 
-def default_backend(world: World) -> str:
-    """mpi under mpirun; nccl under torchrun when this rank has a GPU; gloo otherwise; local for one process."""
+def default_backend(world: World, device: torch.device | None = None) -> str:
+    """The backend that follows the device: mpi under mpirun (CUDA tensors staged through pinned host memory
+    unless MPI is CUDA-aware); under torchrun nccl when the model is on a GPU, else gloo; local for one process.
+
+    device: where this rank computes; None: --device auto's choice (a GPU per rank on this host, else the CPU).
+    """
     if world.is_mpi:
         return "mpi"
     if world.launcher == "none":
         return "local"
-    if torch.cuda.is_available() and torch.cuda.device_count() > world.local_rank:
-        return "nccl"
-    return "gloo"
+    device = device if device is not None else choose("auto", world)
+    return "nccl" if device.type == "cuda" else "gloo"
 
 
 def init(backend: str | None = None, *, timeout: float | None = None, algorithm: str = "native") -> Communicator:
     """The Communicator for this job; the first call builds it, later calls return the same one.
 
-    backend: one of BACKENDS, or None (chosen from the launcher, see `default_backend`).
+    backend: one of BACKENDS, or None: torch.distributed's default group if the script started one, else chosen
+    from the launcher (see `default_backend`).
     timeout: seconds any collective may wait for a peer (DISTRIB_TIMEOUT, else 300).
     algorithm: the algorithm used when a call names none, one of distrib.ALGORITHMS.
     """
@@ -63,6 +68,12 @@ def init(backend: str | None = None, *, timeout: float | None = None, algorithm:
                 "call distrib.init() once per process"
             )
         return STATE.comm
+    if backend is None:  # a script that started torch.distributed itself: distrib goes over the group it made
+        from distrib.comm.torch_dist import started_group
+
+        STATE.comm = started_group(timeout, algorithm)
+        if STATE.comm is not None:
+            return STATE.comm
     world = read_world()
     backend = backend or default_backend(world)
     if backend not in BACKENDS:
@@ -174,5 +185,6 @@ def init_process_group(
         STATE.torch_group = TorchCommunicator("gloo", comm.rank, comm.size, store=rendezvous(comm),
                                               timeout=comm.timeout)  # fmt: skip
         STATE.torch_group.barrier()  # a rank may finish connecting before its peers; leaving at once breaks theirs
+        comm.process_group = STATE.torch_group.process_group  # torch's Join and comm hooks take it
         _take_job_down_on_failure(world)
     return comm

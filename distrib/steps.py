@@ -15,6 +15,7 @@ import torch
 from distrib import tracing
 from distrib.comm import Communicator
 from distrib.data import Shard
+from distrib.device import synchronize
 
 ON_NAN = ("error", "skip")
 _BAD_LOSS, _BAD_GRAD = 1, 2  # a rank's flags in the per-step vote
@@ -59,10 +60,12 @@ class Clock:
     """This epoch's seconds per stage of the loop, and samples seen; each stage is also a span in a recording trace.
 
     "comm" is the part of the compute stages spent blocked on collectives: communication not hidden by compute.
+    On a GPU each stage ends by waiting for the work it queued, so its time (and its span) includes that work.
     """
 
-    def __init__(self, comm: Communicator) -> None:
+    def __init__(self, comm: Communicator, device: torch.device | None = None) -> None:
         self.comm, self.started, self.samples = comm, time.perf_counter(), 0
+        self.device = device if device is not None else torch.device("cpu")
         self.seconds: dict[str, float] = {"comm": 0.0}
 
     @contextlib.contextmanager
@@ -70,6 +73,7 @@ class Clock:
         start, blocked = time.perf_counter(), self.comm.blocked_seconds
         with tracing.span(name):
             yield
+            synchronize(self.device)
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
         if name in ("forward", "backward", "step"):
             self.seconds["comm"] += self.comm.blocked_seconds - blocked

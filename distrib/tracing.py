@@ -36,8 +36,8 @@ class Recorder:
     def now(self) -> int:
         return time.perf_counter_ns()
 
-    def add(self, name: str, cat: str, start_ns: int, end_ns: int, **args: Any) -> None:
-        """One complete span ("X" event) on the calling thread's track."""
+    def add(self, name: str, cat: str, start_ns: int, end_ns: int, track: str | None = None, **args: Any) -> None:
+        """One complete span ("X" event) on the calling thread's track, or on `track` (a GPU copy stream's)."""
         event = {
             "name": name,
             "cat": cat,
@@ -45,7 +45,7 @@ class Recorder:
             "ts": (start_ns - self._origin) / 1000,
             "dur": (end_ns - start_ns) / 1000,
             "pid": self.comm.rank,
-            "tid": threading.current_thread().name,
+            "tid": track or threading.current_thread().name,
             "args": args,
         }
         with self._lock:
@@ -74,6 +74,11 @@ class Recorder:
             events.append({"name": "process_sort_index", "ph": "M", "pid": rank, "args": {"sort_index": rank}})
             events.extend(rank_events)
         return {"traceEvents": events, "displayTimeUnit": "ms"}
+
+
+def recorder() -> Recorder | None:
+    """The trace being recorded in this process, if any: for spans timed elsewhere (CUDA events) to add."""
+    return STATE.recorder
 
 
 def span(name: str, cat: str = "loop", **args: Any) -> contextlib.AbstractContextManager:

@@ -6,6 +6,10 @@ DISTRIB_TEST_FAULT="KIND:RANK:STEP" strikes at the STEP-th optimizer step (from 
   term   the rank sends itself SIGTERM, as a launcher passing on a Ctrl-C or a scheduler's notice would
   pause  the rank touches the file DISTRIB_TEST_MARKER, then every later step sleeps 0.2 s, so a test can
          signal the launcher mid-epoch
+  again  as kill, in every process that reaches the step (a launcher's restart), until DISTRIB_TEST_KILLS
+         (default 2) have died: each death leaves a file DISTRIB_TEST_MARKER.N (N = 1, 2, ...)
+  leave  the rank SIGKILLs its launcher (torchrun's agent: its parent) and itself, as a host that goes away
+RANK "any" strikes on whichever rank the process is (for a variable set on one host's launcher only).
 DISTRIB_TEST_NOISE=1 jitters the inputs with torch's global RNG: an exact resume then needs the RNG restored.
 DISTRIB_TEST_WIDTH=W gives the model W hidden units (another model under the same task name).
 """
@@ -31,7 +35,7 @@ class Faulty(Classify):
         super().__init__(seed=seed, **kwargs)
         kind, rank, step = (os.environ.get("DISTRIB_TEST_FAULT") or "none:0:0").split(":")
         self.kind, self.step = kind, int(step)
-        self.mine = read_world().rank == int(rank)
+        self.mine = rank == "any" or read_world().rank == int(rank)
         self.noise = os.environ.get("DISTRIB_TEST_NOISE") == "1"
         self.steps, self.paused = 0, False
 
@@ -45,6 +49,15 @@ class Faulty(Classify):
             if self.kind == "kill":
                 if "DISTRIB_TEST_MARKER" in os.environ:
                     Path(os.environ["DISTRIB_TEST_MARKER"]).touch()  # the time of death, for the test
+                os.kill(os.getpid(), signal.SIGKILL)
+            elif self.kind == "again":
+                marker = os.environ["DISTRIB_TEST_MARKER"]
+                deaths = sum(Path(f"{marker}.{n}").exists() for n in range(1, 100))
+                if deaths < int(os.environ.get("DISTRIB_TEST_KILLS", "2")):
+                    Path(f"{marker}.{deaths + 1}").touch()
+                    os.kill(os.getpid(), signal.SIGKILL)
+            elif self.kind == "leave":
+                os.kill(os.getppid(), signal.SIGKILL)
                 os.kill(os.getpid(), signal.SIGKILL)
             elif self.kind == "term":
                 os.kill(os.getpid(), signal.SIGTERM)

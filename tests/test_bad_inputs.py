@@ -1,17 +1,21 @@
 """Bad inputs to python -m distrib.train beyond its options (tests/test_train_options.py has those): a missing or
 unreadable dataset, damaged or foreign checkpoints, a run directory already in use, a checkpoint directory that
-cannot be written, a model that differs across ranks. Each gets one line naming the problem and the fix, a
-non-zero exit, no traceback, no hang. docs/bad-inputs.md lists them all, with the test behind each.
+cannot be written, a disk that fills up, a model that differs across ranks, a resume with nothing to resume. Each
+gets one line naming the problem and the fix, a non-zero exit, no traceback, no hang. docs/bad-inputs.md lists
+them all, with the test behind each.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 
 from distrib import train
+from distrib.checkpoint import verify
 from tests.launching import run_ranks
 
 SMALL = ["--batch-size", "200", "--epochs", "2", "--no-progress"]  # with small_data: 3 steps an epoch
@@ -93,7 +97,7 @@ def test_data_of_the_wrong_form(content, message, tmp_path, capsys):
 
 def test_data_for_another_task(small_data, tmp_path, capsys):
     line = fails(["--data", str(small_data), "--task", "tests.faulty:task", "--out", str(tmp_path / "r")], capsys)
-    assert "only --task classify reads --data, not 'tests.faulty:task'; drop --data" in line
+    assert "only --task classify and lm read --data, not 'tests.faulty:task'; drop --data" in line
 
 
 @pytest.mark.parametrize(
@@ -103,15 +107,49 @@ def test_data_for_another_task(small_data, tmp_path, capsys):
         (["--keep", "0"], "argument --keep: must be a positive int, got '0'"),
         (["--on-nan", "ignore"], "argument --on-nan: invalid choice: 'ignore'"),
         (["--resume"], "argument --resume: name the run to continue, as --out RUN_DIR or --resume RUN_DIR"),
+        (["--resume", "auto"], "argument --resume: auto continues the run in --out, or starts it there; name it"),
     ],
 )
 def test_bad_checkpoint_options(argv, message, capsys):
     assert message in fails([*argv, "--no-progress"], capsys)
 
 
-def test_resume_without_a_checkpoint(small_data, tmp_path, capsys):
-    line = fails(["--data", str(small_data), "--out", str(tmp_path), "--resume", *SMALL], capsys)
-    assert f"argument --resume: no checkpoint that verifies in {tmp_path}; give the run directory" in line
+def test_resume_without_a_checkpoint_writes_nothing(small_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    line = fails(["--data", str(small_data), "--out", str(out), "--resume", *SMALL], capsys)
+    assert f"argument --resume: no checkpoint that verifies in {out}; give the run directory" in line
+    assert not out.exists()
+    out.mkdir()
+    fails(["--data", str(small_data), "--out", str(out), "--resume", *SMALL], capsys)
+    assert list(out.iterdir()) == [], "no checkpoints/, no metrics.jsonl"
+
+
+def test_resume_auto_starts_afresh_then_continues(small_data, tmp_path, capsys):
+    """--resume auto: no checkpoint yet is a fresh start (even in a directory of damaged ones); then a resume."""
+    out = tmp_path / "run"
+    argv = ["--data", str(small_data), "--out", str(out), *SMALL, "--resume", "auto"]
+    err = trains(argv, capsys)
+    assert f"--resume auto: no checkpoint in {out} yet; starting from the beginning" in err
+    done = sorted(p.name for p in (out / "checkpoints").iterdir())
+    epochs = (out / "metrics.jsonl").read_text().splitlines()
+    assert done == ["step-000000003", "step-000000006"] and len(epochs) == 2
+    err = trains([*argv, "--epochs", "3"], capsys)  # a later --epochs wins: one more epoch
+    assert "resuming from " in err and "step-000000006: epoch 3, 0 of its steps done" in err
+    assert (out / "metrics.jsonl").read_text().splitlines()[:2] == epochs  # kept, and one line added
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    for checkpoint in (out / "checkpoints").iterdir():
+        (checkpoint / "manifest.json").write_text("{")  # every checkpoint damaged: auto starts afresh
+    err = trains(argv, capsys)
+    assert "starting from the beginning" in err
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2  # started over
+
+
+def test_a_global_batch_larger_than_the_data_is_said_once(small_data, tmp_path, capsys):
+    err = trains(["--data", str(small_data), "--out", str(tmp_path / "r"), *SMALL, "--batch-size", "1000"], capsys)
+    line = "distrib: --batch-size 1000 is larger than epoch 1's data (480 samples): each such epoch is one step"
+    assert err.count(line) == 1 and err.count("--batch-size 1000") == 1, err
+    epochs = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert len(epochs) == 2
 
 
 def test_a_run_directory_with_checkpoints_needs_resume(small_data, tmp_path, capsys):
@@ -164,5 +202,53 @@ def test_model_that_differs_across_ranks(tmp_path):
                                       str(tmp_path / "r"), "--no-progress"], timeout=120)  # fmt: skip
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
-    assert "argument --task: DistributedDataParallel: the model differs across ranks" in lines[0]
-    assert "build the same model on every rank" in lines[0]
+    assert (
+        "argument --task: [0]: params[0] in process 1 with sizes [136, 8] appears not to match sizes of the"
+        in (lines[0])
+    ), lines[0]  # torch's words, said by rank 0 for the whole job
+    assert "Build the same model on every rank" in lines[0]
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real 2 MiB file system (tmpfs; needs root), unmounted afterwards even when the test fails."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+FILL = ["--epochs", "1", "--checkpoint-every", "1", "--keep", "100", "--no-progress"]  # ~250 KB a checkpoint
+
+
+def assert_whole_and_one_line(disk: Path, line: str) -> None:
+    assert line.startswith("python -m distrib.train: error: cannot write checkpoint "), line
+    assert line.endswith(": No space left on device"), line
+    checkpoints = sorted((disk / "run" / "checkpoints").glob("step-?????????"))
+    assert len(checkpoints) >= 2, checkpoints  # the disk held a few before it filled
+    assert all(verify(c) is None for c in checkpoints), [verify(c) for c in checkpoints]
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_full_disk_is_one_line_and_older_checkpoints_stay_whole(mode, tiny_disk, capsys):
+    line = fails(["--out", str(tiny_disk / "run"), *FILL, *(["--checkpoint-async"] * (mode == "async"))], capsys, 1)
+    assert_whole_and_one_line(tiny_disk, line)
+
+
+@pytest.mark.parametrize("launcher", ["mpiexec", "torchrun"])
+def test_a_full_disk_under_launchers_is_one_line(launcher, tiny_disk):
+    result = run_ranks(launcher, 2, ["-m", "distrib.train", "--out", str(tiny_disk / "run"), *FILL], timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and lines, result.stderr[-3000:]
+    if launcher == "mpiexec":
+        assert len(lines) == 1, result.stderr[-3000:]
+    else:  # then torchrun's report, quoting it as the root cause
+        assert sum(line.startswith("python -m distrib.train: error: ") for line in lines) == 1, result.stderr
+        assert f"traceback : {lines[0]}" in result.stderr, result.stderr[-3000:]
+    assert "inline_container" not in result.stderr
+    assert_whole_and_one_line(tiny_disk, lines[0])

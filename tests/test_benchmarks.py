@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from benchmarks import model
+from benchmarks import gpt, model
 from benchmarks.common import human_bytes, parse_bytes
 from tests.launching import run, run_ranks
 
@@ -72,6 +72,23 @@ def test_ddp_benchmark_at_one_and_two_ranks(tmp_path):
     assert all(r["allreduce_ms"] > 0 for r in rows if r["ranks"] == 2 and r["impl"] != "no communication")
 
 
+def test_ddp_benchmark_trains_the_gpt(tmp_path):  # the code of the 19.5M-parameter GPT, at the tiny size
+    out, png = tmp_path / "ddp.json", tmp_path / "ddp.png"
+    args = ["--model", "gpt-tiny", "--ranks", "2", "--rounds", "1", "--steps", "1", "--impls", "distrib mpi ring"]
+    result = run([sys.executable, "-m", "benchmarks.ddp", *args, "--json", str(out), "--plot", str(png)], timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["no communication", "torch DDP gloo", "distrib mpi ring"]  # torch DDP beside
+    params = sum(p.numel() for p in gpt.model("gpt-tiny").parameters())
+    torch_ddp = rows[1]
+    for r in rows:
+        assert r["model"] == "gpt-tiny" and r["params"] == params and r["batch_per_rank"] == 4, r  # 8 sequences
+        assert r["vs_torch"] == pytest.approx(r["median_ms"] / torch_ddp["median_ms"]), r
+        assert r["samples_per_s"] == pytest.approx(8 / (r["median_ms"] / 1e3)), r
+        assert (r["allreduce_ms"] is None) == (r["impl"] == "no communication"), r
+
+
 def test_zero_benchmark_cpu_adam_and_train_at_one_and_two_ranks(tmp_path):
     paths = {name: tmp_path / name for name in ("adam.json", "adam.png", "train.json", "train.png")}
     args = ["--sizes", "1e4", "--warmup", "1", "--repeats", "2", "--ranks", "1", "2", "--algorithms", "ring"]
@@ -93,6 +110,23 @@ def test_zero_benchmark_cpu_adam_and_train_at_one_and_two_ranks(tmp_path):
     memory = {(r["ranks"], r["impl"]): r["optimizer_mb_per_rank"] for r in train}
     assert memory[2, "ZeRO-Offload"] == pytest.approx(memory[1, "ZeRO-Offload"] / 2, rel=1e-3)  # a shard per rank
     assert memory[2, "DDP+Adam"] == memory[1, "DDP+Adam"]  # every rank holds all of it
+
+
+def test_zero_benchmark_trains_the_gpt(tmp_path):  # the code of the 19.5M-parameter GPT, at the tiny size
+    paths = {name: tmp_path / name for name in ("train.json", "train.png")}
+    args = ["--sections", "train", "--model", "gpt-tiny", "--warmup", "1", "--repeats", "1", "--ranks", "2"]
+    args += ["--algorithms", "ring", "--batch", "1", "--train-json", str(paths["train.json"])]
+    result = run([sys.executable, "-m", "benchmarks.zero", *args, "--train-plot", str(paths["train.png"])], 600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert paths["train.png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    train = json.loads(paths["train.json"].read_text())
+    assert train["settings"]["model"] == "gpt-tiny" and "GPT (1x32, 2 heads" in train["settings"]["gpt"]
+    rows = train["rows"]
+    impls = ["DDP+Adam", "ZeRO-Offload", "ZeRO-Offload delay_update"]
+    assert [(r["ranks"], r["impl"]) for r in rows] == [(2, i) for i in impls]
+    params = sum(p.numel() for p in gpt.model("gpt-tiny").parameters())
+    assert all(r["model"] == "gpt-tiny" and r["params"] == params for r in rows), rows
+    assert rows[1]["memory_vs_ddp"] == pytest.approx(0.5, rel=1e-3)  # a shard of Adam's state per rank
 
 
 def test_ddp_benchmark_refuses_bad_arguments():
@@ -197,3 +231,20 @@ def test_diloco_benchmark_runs_on_namespace_hosts(tmp_path):
     by = {r["variant"]: r["bytes_per_step"] for r in data["summary"] if r["target"] == 0.2}
     assert by["ddp"] > 9 * by["diloco-h10"] > 4 * by["diloco-h50"]  # a sync every 10 or 50 steps instead of each
     assert figure.stat().st_size > 10_000
+
+
+def test_checkpoint_benchmark_at_two_ranks(tmp_path):
+    out, png = tmp_path / "checkpoint.json", tmp_path / "checkpoint.png"
+    args = ["-m", "benchmarks.checkpoint", "--params", "1e4", "1e5", "--checkpoints", "2", "--steps-between", "2"]
+    result = run_ranks("mpiexec", 2, [*args, "--json", str(out), "--plot", str(png)], timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert data["ranks"] == 2 and [(r["mode"], r["params"] > 5e4) for r in rows] == [
+        ("sync", False), ("async", False), ("sync", True), ("async", True)]  # fmt: skip
+    for sync, background in zip(rows[::2], rows[1::2]):
+        assert sync["checkpoint_mb"] == background["checkpoint_mb"] > 0
+        for r in (sync, background):
+            assert 0 < r["pause_min_ms"] <= r["pause_median_ms"] <= r["pause_max_ms"] and r["write_median_ms"] > 0, r
+        assert background["sync_over_async"] == pytest.approx(sync["pause_median_ms"] / background["pause_median_ms"])

@@ -44,6 +44,15 @@ def test_rank_suite(launcher, backend, ranks):
     run_rank_suite(launcher, backend, ranks, "tests/ranks/test_ddp.py", timeout=240)
 
 
+@pytest.mark.parametrize(
+    "launcher,backend,ranks",
+    [("torchrun", "gloo", 2), ("torchrun", "gloo", 3), ("mpiexec", "mpi", 2), ("mpiexec", "mpi", 3)],
+)
+def test_torch_ddp_parity_suite(launcher, backend, ranks):
+    """tests/ranks/test_ddp_parity.py: torch's DDP tests' behaviours, torch's DDP against ours, at 2 and 3 ranks."""
+    run_rank_suite(launcher, backend, ranks, "tests/ranks/test_ddp_parity.py", timeout=300)
+
+
 def test_init_process_group_alone_starts_torch_default_group():
     script = (
         "import torch, torch.distributed as dist, distrib\n"

@@ -46,3 +46,15 @@ def test_mismatched_calls_fail_on_every_rank(launcher, backend, scenario, detail
         found = re.search(pattern, result.stdout)
         assert found, result.stdout
         assert detail in found.group().replace("torch.", ""), found.group()
+
+
+@pytest.mark.parametrize("launcher,backend", LAUNCHES)
+def test_ddp_parameter_unused_on_one_rank_ends_the_job_naming_it(launcher, backend):
+    start = time.monotonic()
+    result = run_ranks(launcher, 2, [SCENARIOS, "ddp_unused_on_one_rank", backend, "120"], timeout=90)
+    elapsed = time.monotonic() - start
+    text = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "rank 1 of 2 failed" in text and "Expected to have finished reduction in the prior iteration" in text, text
+    assert "Parameter indices which did not receive grad for rank 1: 2 3" in text, text[-3000:]
+    assert elapsed < 60, f"{elapsed:.0f} s: rank 0 waited out its 120 s timeout instead of going down"

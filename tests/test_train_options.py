@@ -13,12 +13,18 @@ BAD = [
     (["--batch-size", "-8"], "argument --batch-size: must be a positive int"),
     (["--lr", "0"], "argument --lr: must be a positive float"),
     (["--lr", "nan"], "argument --lr: must be a positive float"),
+    (["--lr", "inf"], "argument --lr: must be a positive float up to 10000, got 'inf'"),
+    (["--lr", "1e308"], "argument --lr: must be a positive float up to 10000, got '1e308'"),  # torch: overflow
+    (["--weight-decay", "nan"], "argument --weight-decay: must be a float from 0 up to 10000, got 'nan'"),
+    (["--weight-decay", "-5"], "argument --weight-decay: must be a float from 0 up to 10000, got '-5'"),
     (["--optimizer", "lbfgs"], "argument --optimizer: invalid choice: 'lbfgs'"),
     (["--schedule", "step"], "argument --schedule: invalid choice"),
     (["--warmup-steps", "-1"], "argument --warmup-steps: must be a whole number >= 0"),
     (["--accumulation-steps", "0"], "argument --accumulation-steps: must be a positive int"),
     (["--clip-grad", "-1"], "argument --clip-grad: must be a positive float"),
+    (["--clip-grad", "inf"], "argument --clip-grad: must be a positive float, got 'inf'"),
     (["--seed", "-3"], "argument --seed: must be a whole number >= 0"),
+    (["--seed", "99999999999999999999999"], "argument --seed: must be a whole number >= 0 and < 2**63, got '9999"),
     (["--backend", "tcp"], "argument --backend: invalid choice: 'tcp'"),
     (["--allreduce", "tree"], "argument --allreduce: invalid choice: 'tree'"),
     (["--timeout", "0"], "argument --timeout: must be a positive float"),
@@ -29,6 +35,12 @@ BAD = [
     (["--task", "imagenet"], "argument --task: unknown task 'imagenet': use one of classify"),
     (["--task", "no_such_module:make"], "argument --task: task 'no_such_module:make': cannot import"),
     (["--task", "distrib.tasks:no_such_factory"], "has no callable 'no_such_factory'"),
+    (
+        ["--task", "os:system"],
+        "argument --task: task 'os:system': system is not a task factory: calling it with "
+        "seed=0 fails (missing a required argument: 'command'); a factory takes seed= and returns a Task",
+    ),  # fmt: skip
+    (["--task", "builtins:dict"], "argument --task: task 'builtins:dict' lacks phases, build, collect"),
 ]
 
 
@@ -64,3 +76,29 @@ def test_world_larger_than_the_global_batch_on_every_rank(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "argument --batch-size" in lines[0] and "batch-size >= world size" in lines[0], lines
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("argv", [["--lr", "1e308"], ["--batch-size", "1"]], ids=["parsed", "after-init"])
+def test_under_torchrun_the_line_comes_once_before_torchruns_report(argv, tmp_path):
+    """torchrun reports a failed worker in ~40 lines (a traceback of its own); ours comes first, once, and its
+    report's root cause is rank 0, quoting it. --batch-size 1 fails after the ranks have met, on both ranks."""
+    result = run_ranks("torchrun", 2, ["-m", "distrib.train", *argv, "--out", str(tmp_path / "r")], timeout=90)
+    lines = result.stderr.strip().splitlines()
+    ours = [i for i, line in enumerate(lines) if line.startswith("python -m distrib.train: error: ")]
+    assert result.returncode == 1 and ours == [0], result.stderr[-3000:]  # torchrun's status for a failed worker
+    assert f"argument {argv[0]}: " in lines[0], lines[0]
+    cause = result.stderr[result.stderr.index("Root Cause (first observed failure)") :]
+    assert "rank      : 0 (local_rank: 0)" in cause and "exitcode  : 2" in cause, cause
+    assert f"traceback : {lines[0]}" in cause, cause
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("shared", ["True", "False"])
+def test_torchrun_restarts_over_a_shared_store_are_warned_of(shared, monkeypatch, capsys):
+    """The variables torchrun --max-restarts 3 gives rank 0's first attempt, with its store shared or not."""
+    env = {"TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_RESTART_COUNT": "0", "RANK": "0"}
+    for name, value in (env | {"TORCHELASTIC_USE_AGENT_STORE": shared}).items():
+        monkeypatch.setenv(name, value)
+    train._warn_of_shared_store()
+    err = capsys.readouterr().err
+    assert ("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in err) == (shared == "True"), err

@@ -23,13 +23,25 @@ class DamagedFile(ValueError):
 
 
 def write(path: Path, obj: Any) -> Record:
-    """torch.save `obj` to `path` atomically; returns its size and sha256."""
+    """torch.save `obj` to `path` atomically; returns its size and sha256. A failed write raises the OSError
+    behind it (ENOSPC: "No space left on device") and leaves no temporary file taking up the space."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        hashing = _Hashing(f)
-        torch.save(obj, hashing)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            hashing = _Hashing(f)
+            try:
+                torch.save(obj, hashing)
+            except RuntimeError:
+                # torch's zip writer turns a failed write into "[enforce fail at inline_container.cc] unexpected
+                # pos"; the file's own error says what happened.
+                if hashing.error is not None:
+                    raise hashing.error from None
+                raise
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
     fsync_dir(path.parent)
     return {"bytes": hashing.bytes, "sha256": hashing.sha.hexdigest()}
@@ -79,11 +91,16 @@ class _Hashing:
 
     def __init__(self, f: BinaryIO) -> None:
         self.f, self.sha, self.bytes = f, hashlib.sha256(), 0
+        self.error: OSError | None = None  # the first failed write, which torch's writer hides
 
     def write(self, data: bytes) -> int:
         self.sha.update(data)
         self.bytes += len(data)
-        return self.f.write(data)
+        try:
+            return self.f.write(data)
+        except OSError as error:
+            self.error = self.error or error
+            raise
 
     def flush(self) -> None:
         self.f.flush()

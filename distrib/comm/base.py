@@ -40,6 +40,9 @@ class Communicator(Transport):
         self.device = torch.device("cpu")  # where object collectives stage their bytes
         self._verify_left = -1 if os.environ.get("DISTRIB_VERIFY") == "all" else VERIFY_CALLS
         self._engine = Engine(f"distrib-{self.backend}-rank{rank}")
+        # The torch.distributed ProcessGroup over the same ranks, for torch's own utilities that take one (Join,
+        # torch's comm hooks); None where none exists (an MPI communicator started by distrib.init() alone).
+        self.process_group: Any = None
         # Called as observer(name, queued_ns, started_ns, finished_ns, info) after every collective, on the thread
         # that ran it; distrib.trace sets it while recording.
         self.observer: Callable[[str, int, int, int, dict[str, Any]], None] | None = None
@@ -87,7 +90,7 @@ class Communicator(Transport):
             self._verify("allreduce", t, op, chosen)
             if self.size == 1 or t.numel() == 0:
                 return t
-            work = self._staged(t)
+            work = self._staged(t, host=chosen == "shm")
             flat = work if work.dim() == 1 else work.view(-1)
             TABLE[chosen].allreduce(self, flat, "sum" if op == "avg" else op)
             if op == "avg":
@@ -125,7 +128,7 @@ class Communicator(Transport):
             self._verify("reduce_scatter", t, op, chosen)
             if self.size == 1:
                 return t
-            work = self._staged(t)
+            work = self._staged(t, host=chosen == "shm")
             shard = TABLE[chosen].reduce_scatter(self, work.view(-1), "sum" if op == "avg" else op)
             if op == "avg":
                 shard.div_(self.size)
@@ -158,7 +161,7 @@ class Communicator(Transport):
         def job() -> torch.Tensor:
             chosen = self._pick(algorithm, nbytes)
             self._verify("allgather", t, "", chosen)
-            work = self._staged(out, copy_in=False)
+            work = self._staged(out, copy_in=False, host=chosen == "shm")
             flat = work.view(-1)
             part = t.numel()
             mine = flat[self.rank * part : (self.rank + 1) * part]
@@ -233,6 +236,8 @@ class Communicator(Transport):
     ) -> Any:
         if self.observer is not None:
             job = observed(job, self.observer, name, {**info, **(label or {})})
+        if self._engine.on_its_thread():  # called back by a finished collective (a hook's future): run it now,
+            return self._engine.run_here(job, async_op)  # in the same place of the order on every rank
         if async_op:
             return self._engine.submit(job)
         if self._engine.idle:  # nothing queued before us: run on the caller's thread, no hand-off cost

@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 
 class Handle:
     """The result of an asynchronous collective: `wait()` returns it (or raises its error)."""
@@ -22,6 +24,8 @@ class Handle:
         self._done = threading.Event()
         self._result: Any = None
         self._error: BaseException | None = None
+        self._future: torch.futures.Future | None = None
+        self._lock = threading.Lock()
 
     def is_completed(self) -> bool:
         return self._done.is_set()
@@ -37,9 +41,27 @@ class Handle:
             raise self._error
         return self._result
 
+    def get_future(self) -> torch.futures.Future:
+        """A torch Future that completes with the result (or the error), as torch's Work.get_future() gives."""
+        with self._lock:
+            if self._future is None:
+                self._future = torch.futures.Future()
+                if self._done.is_set():
+                    self._settle()
+        return self._future
+
     def _finish(self, result: Any = None, error: BaseException | None = None) -> None:
-        self._result, self._error = result, error
-        self._done.set()
+        with self._lock:
+            self._result, self._error = result, error
+            self._done.set()
+            if self._future is not None:
+                self._settle()
+
+    def _settle(self) -> None:
+        if self._error is not None:
+            self._future.set_exception(self._error)
+        else:
+            self._future.set_result(self._result)
 
 
 class Engine:
@@ -58,6 +80,21 @@ class Engine:
     def idle(self) -> bool:
         """True when nothing is queued or running, so a caller may run a collective inline."""
         return self._pending == 0
+
+    def on_its_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def run_here(self, job: Callable[[], Any], async_op: bool) -> Any:
+        """Run `job` on the engine's own thread at once, from a callback of the job that just finished: queued, it
+        would wait behind the callback that waits for it."""
+        if not async_op:
+            return job()
+        handle = Handle()
+        try:
+            handle._finish(result=job())
+        except BaseException as error:  # noqa: BLE001 -- handed to whoever waits on the handle
+            handle._finish(error=error)
+        return handle
 
     def submit(self, job: Callable[[], Any]) -> Handle:
         handle = Handle(self)
@@ -81,6 +118,7 @@ class Engine:
                 except BaseException as error:  # noqa: BLE001 -- handed to whoever waits on the handle
                     self._failed = error
                     handle._finish(error=error)
+            job = handle = None  # while waiting for the next, hold nothing of this one (its tensors may be freed)
             with self._lock:
                 self._pending -= 1
 

@@ -14,6 +14,7 @@ class LocalCommunicator(Communicator):
     """Rank 0 of 1. The base class already skips communication at size 1; these keep the contract."""
 
     backend = "local"
+    devices = ("cpu", "cuda")  # its collectives are copies and no-ops: any device's tensors, none staged
 
     def __init__(self, *, timeout: float | None = None, algorithm: str = "native") -> None:
         super().__init__(0, 1, timeout=timeout, algorithm=algorithm)

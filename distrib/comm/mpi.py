@@ -42,7 +42,8 @@ def _buffer(t: torch.Tensor | np.ndarray) -> list:
     """[memory, MPI datatype] for a contiguous tensor or array, sharing its storage; the caller keeps `t` alive."""
     if isinstance(t, np.ndarray):
         return [t, _NUMPY_TYPES[t.dtype]]
-    if t.is_cuda:
+    if t.is_cuda:  # CUDA-aware MPI reads device memory outside torch's stream order: let queued kernels finish
+        torch.cuda.current_stream(t.device).synchronize()
         return [t.detach().view(torch.int16) if t.dtype in _HALF else t.detach(), _TYPES[t.dtype]]
     # A bare address is the cheapest handle for MPI (a numpy view costs a microsecond more per message).
     return [MPI.memory.fromaddress(t.data_ptr(), t.numel() * t.itemsize), _TYPES[t.dtype]]

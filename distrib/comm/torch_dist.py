@@ -15,6 +15,7 @@ import struct
 import time
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -31,7 +32,8 @@ _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp
 
 
 class TorchCommunicator(Communicator):
-    """Collectives over torch.distributed's default process group (initialised here if it is not yet)."""
+    """Collectives over torch.distributed's default process group (initialised here if it is not yet), or over a
+    group the caller made (`TorchCommunicator.over`)."""
 
     def __init__(
         self,
@@ -45,19 +47,18 @@ class TorchCommunicator(Communicator):
         timeout: float | None = None,
         algorithm: str = "native",
         group: dist.ProcessGroup | None = None,
-        members: list[int] | None = None,
     ) -> None:
         """Meet the other ranks at `store`, or else at rank 0's `master` (host, port) as torch's tcp:// does
-        (under torchrun, through its agent's store); a world of one needs neither. `group` (of the default
-        group's ranks `members`, this one being `rank` among them): a sub-communicator made by split()."""
+        (under torchrun, through its agent's store); a world of one needs neither. With `group`, use that group."""
         self.backend = backend
         super().__init__(rank, size, timeout=timeout, algorithm=algorithm)
-        self._group, self._members = group, members or list(range(size))
+        self._group = group  # None: the default group
         if backend == "nccl":
-            self.device = torch.device("cuda", local_rank)
+            self.device = torch.device("cuda", local_rank if group is None else torch.cuda.current_device())
             self.devices = ("cuda",)
             torch.cuda.set_device(self.device)
         if group is not None:
+            self.process_group = group
             return
         if not dist.is_initialized():
             if store is None and size == 1:
@@ -76,13 +77,24 @@ class TorchCommunicator(Communicator):
                 f"torch.distributed is already initialised as rank {dist.get_rank()} of "
                 f"{dist.get_world_size()}, but this process is rank {rank} of {size}"
             )
+        self.process_group = dist.group.WORLD
+
+    @classmethod
+    def over(cls, group: Any, timeout: float | None = None, algorithm: str = "native") -> TorchCommunicator:
+        """A communicator over a torch.distributed group made elsewhere (dist.new_group, a DDP's process_group)."""
+        if not isinstance(group, dist.ProcessGroup):
+            raise TypeError(
+                f"process_group must be a torch.distributed ProcessGroup or a distrib Communicator, got "
+                f"{type(group).__name__}"
+            )
+        backend = str(dist.get_backend(group))
+        return cls(backend, group.rank(), group.size(), timeout=timeout, algorithm=algorithm, group=group)
 
     def post(
         self, sends: Sequence[tuple[torch.Tensor, int]] = (), recvs: Sequence[tuple[torch.Tensor, int]] = ()
     ) -> Pending:
-        to, group = self._members, self._group  # torch names peers by their rank in the default group
-        ops = [dist.P2POp(dist.irecv, t, to[src], group) for t, src in recvs]
-        ops += [dist.P2POp(dist.isend, t, to[dst], group) for t, dst in sends]
+        ops = [dist.P2POp(dist.irecv, t, group=self._group, group_peer=src) for t, src in recvs]
+        ops += [dist.P2POp(dist.isend, t, group=self._group, group_peer=dst) for t, dst in sends]
         peers = [src for _, src in recvs] + [dst for _, dst in sends]
         return list(zip(dist.batch_isend_irecv(ops), peers)) if ops else []
 
@@ -120,40 +132,35 @@ class TorchCommunicator(Communicator):
         self._wait(gather(out, shard.clone(), group=self._group, async_op=True), "allgather")
 
     def _native_broadcast(self, t: torch.Tensor, root: int) -> None:
-        self._wait(
-            dist.broadcast(t, src=self._members[root], group=self._group, async_op=True), f"broadcast from rank {root}"
-        )
+        self._wait(dist.broadcast(t, group=self._group, async_op=True, group_src=root), f"broadcast from rank {root}")
 
     def _native_barrier(self) -> None:
         token = torch.zeros(1, device=self.device)
         self._native_allreduce(token, "sum")  # an allreduce, because gloo's barrier ignores wait timeouts
 
     def split(self, color: int, key: int) -> TorchCommunicator:
-        """Every rank makes every group (torch's new_group is collective over the default group), in color order."""
+        """The ranks of one color make their group among themselves (new_group with local synchronisation)."""
         everyone = self._allgather_object((color, key, self.rank))
-        mine = None
-        for c in sorted({c for c, _, _ in everyone}):
-            ranks = [r for _, _, r in sorted(e for e in everyone if e[0] == c)]  # by key, then by rank
-            members = [self._members[r] for r in ranks]
-            group = dist.new_group(members, timeout=timedelta(seconds=self.timeout))
-            if c == color:
-                mine = TorchCommunicator(
-                    self.backend, ranks.index(self.rank), len(ranks), timeout=self.timeout, group=group,
-                    members=members, local_rank=self.device.index or 0,
-                )  # fmt: skip
-        return mine
+        world = dist.get_process_group_ranks(self._group) if self._group is not None else list(range(self.size))
+        ranks = [r for c, _, r in sorted(e for e in everyone if e[0] == color)]  # by key, then by rank
+        group = dist.new_group(
+            [world[r] for r in ranks], timeout=timedelta(seconds=self.timeout), use_local_synchronization=True
+        )
+        return TorchCommunicator.over(group, self.timeout)
 
     def close(self) -> None:
-        if not dist.is_initialized():
-            return
-        if self._group is not None:
-            dist.destroy_process_group(self._group)
+        if not dist.is_initialized() or self._group is not None:  # a group made elsewhere is its maker's to end
             return
         dist.destroy_process_group()
         # gloo's worker threads let go of a finished collective's tensors a moment after wait() returns, and that
         # takes the GIL; a thread that asks for it once the interpreter is shutting down aborts the whole process
         # ("terminate called without an active exception": 2 in 8 resumed runs here). Let them finish first.
         time.sleep(_RELEASE_GRACE)
+
+
+def started_group(timeout: float | None = None, algorithm: str = "native") -> TorchCommunicator | None:
+    """A communicator over torch.distributed's default group when the process started one itself, else None."""
+    return TorchCommunicator.over(dist.group.WORLD, timeout, algorithm) if dist.is_initialized() else None
 
 
 def rendezvous(comm: Communicator) -> dist.TCPStore:

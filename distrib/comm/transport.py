@@ -23,6 +23,7 @@ class Transport(abc.ABC):
 
     backend = "abstract"  # the transport's name
     devices: tuple[str, ...] = ("cpu",)  # device types the transport reads and writes directly
+    device: torch.device  # where it stages other tensors when it reads no CPU memory (NCCL's GPU)
     rank: int
     size: int
     timeout: float  # seconds every wait may take
@@ -81,11 +82,17 @@ class Transport(abc.ABC):
         """What the Python algorithms work on: the tensor itself, unless the transport takes a cheaper view."""
         return flat
 
-    def _staged(self, t: torch.Tensor, copy_in: bool = True) -> torch.Tensor:
-        """`t` itself when the transport can use it, else a contiguous copy on a device it can (host, pinned)."""
-        if t.is_contiguous() and t.device.type in self.devices:
+    def _staged(self, t: torch.Tensor, copy_in: bool = True, host: bool = False) -> torch.Tensor:
+        """`t` itself when the transport can use it, else a contiguous copy where it can: pinned host memory for a
+        CUDA tensor (MPI without CUDA support, gloo), the GPU for a CPU tensor (NCCL). host: the algorithm works in
+        host memory (shm), whatever the transport reads."""
+        usable = t.device.type in self.devices and not (host and t.device.type != "cpu")
+        if t.is_contiguous() and usable:
             return t
-        device = t.device if t.device.type in self.devices else torch.device("cpu")
+        if usable:
+            device = t.device
+        else:
+            device = torch.device("cpu") if host or "cpu" in self.devices else self.device
         pin = device.type == "cpu" and t.device.type == "cuda"
         work = torch.empty(t.shape, dtype=t.dtype, device=device, pin_memory=pin)
         if copy_in:

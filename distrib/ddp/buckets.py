@@ -1,160 +1,100 @@
-"""Flat gradient buckets: which parameters share a buffer, and one allreduce per buffer, in a fixed order.
+"""Flat gradient buckets: which parameters share a buffer (torch's assignment rule), the buffer with a view per
+parameter, and the GradBucket a comm hook receives.
 
-Gradients are copied in as they become ready, scaled by 1/size as torch does (the sum is then the average). A
-bucket's allreduce starts as soon as it is full and every bucket before it has started, so all ranks issue the
-same collectives in the same order while backward goes on. The last bucket also carries one count per parameter
-("this rank produced its gradient"): after the allreduce every rank knows which parameters went unused where,
-without a collective of its own.
+torch's DDP assigns buckets twice: at construction over the parameters in model order (one bucket of each dtype
+and device unless unused parameters are searched for), the list reversed so the last layers go first; and once
+after the first iteration, in the order the gradients became ready. The same layout here means a comm hook sees
+the same buckets, index for index, as under torch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from distrib.comm import Communicator, Handle
-
 MIB = 1 << 20
 FIRST_BUCKET_BYTES = MIB  # torch's too: a small first bucket gets communication going early in backward
+DEFAULT_CAP_MB = 25  # torch's default bucket_cap_mb
+UNLIMITED = 1 << 62  # "sys.maxsize": one bucket of each dtype and device
 
 
-def assign(params: Sequence[torch.Tensor], cap_bytes: int, first_cap_bytes: int) -> list[list[int]]:
-    """Indices of `params` grouped into buckets, in launch order.
+def assign(params: Sequence[torch.Tensor], order: Sequence[int], limits: Sequence[int]) -> list[list[int]]:
+    """Indices of `params` grouped into buckets, taken in `order` (torch's _compute_bucket_assignment_by_size).
 
-    Parameters go in reverse (backward produces the last layers' gradients first), one dtype and device per
-    bucket; a bucket closes once it holds at least its limit: first_cap_bytes for a group's first, cap_bytes after.
+    One dtype and device per bucket; a bucket closes once it holds at least its limit (limits[k] for the k-th
+    bucket of its kind, the last limit repeating). Closed buckets come in the order they closed, then the open ones.
     """
-    filling: dict[tuple, list[int]] = {}
-    filled: dict[tuple, int] = {}
-    closed: list[list[int]] = []
-    started: set[tuple] = set()  # groups whose first bucket has closed
-    for i in reversed(range(len(params))):
+    buckets: list[list[int]] = []
+    filling: dict[tuple, tuple[list[int], int, int]] = {}  # kind -> (indices, bytes, buckets of it closed)
+    for i in order:
         p = params[i]
-        key = (p.dtype, p.device)
-        filling.setdefault(key, []).append(i)
-        filled[key] = filled.get(key, 0) + p.numel() * p.element_size()
-        if filled[key] >= (cap_bytes if key in started else first_cap_bytes):
-            closed.append(filling.pop(key))
-            filled[key] = 0
-            started.add(key)
-    closed.extend(filling.values())
-    return sorted(closed, key=lambda bucket: -bucket[0])  # the bucket holding the latest parameter goes first
+        kind = (p.dtype, p.device)
+        indices, size, closed = filling.get(kind, ([], 0, 0))
+        indices.append(i)
+        size += p.numel() * p.element_size()
+        if size >= limits[min(closed, len(limits) - 1)]:
+            buckets.append(indices)
+            filling[kind] = ([], 0, closed + 1)
+        else:
+            filling[kind] = (indices, size, closed)
+    buckets.extend(indices for indices, _, _ in filling.values() if indices)
+    return buckets
+
+
+def initial_layout(params: Sequence[torch.Tensor], limits: Sequence[int]) -> list[list[int]]:
+    """The construction-time buckets: model order, sorted by their first parameter, then reversed (torch's)."""
+    return sorted(assign(params, range(len(params)), limits), key=min)[::-1]
 
 
 class Bucket:
-    """One flat buffer holding the gradients of `indices` (each a view at its offset), reduced by one allreduce."""
+    """One flat buffer holding the gradients of `indices`, each parameter a view at its offset."""
 
-    def __init__(self, params: Sequence[torch.Tensor], indices: list[int], extra: int = 0) -> None:
-        self.indices = indices
+    def __init__(self, params: Sequence[torch.Tensor], indices: list[int], index: int, last: bool) -> None:
+        self.indices, self.index, self.last = indices, index, last
         first = params[indices[0]]
-        total = sum(params[i].numel() for i in indices)
-        self.flat = torch.zeros(total + extra, dtype=first.dtype, device=first.device)
-        self.views: dict[int, torch.Tensor] = {}
-        offset = 0
-        for i in indices:
-            self.views[i] = self.flat[offset : offset + params[i].numel()].view(params[i].shape)
-            offset += params[i].numel()
-        self.extra = self.flat[total:]
-        self.waiting = len(indices)
-        self.handle: Handle | None = None
+        self.params = [params[i] for i in indices]
+        self.offsets, offset = [], 0
+        for p in self.params:
+            self.offsets.append(offset)
+            offset += p.numel()
+        self.flat = torch.zeros(offset, dtype=first.dtype, device=first.device)
+        self.views = {i: self._view(self.flat, k) for k, i in enumerate(indices)}
+        self.pending = len(indices)
+        self.work = None  # a distrib Handle, or a torch Future when a comm hook ran
+
+    def _view(self, flat: torch.Tensor, k: int) -> torch.Tensor:
+        p = self.params[k]
+        return flat[self.offsets[k] : self.offsets[k] + p.numel()].view(p.shape)
+
+    def grad_bucket(self) -> GradBucket:
+        return GradBucket(self)
 
 
-def _aliases(grad: torch.Tensor, view: torch.Tensor) -> bool:
-    return grad.data_ptr() == view.data_ptr() and grad.shape == view.shape and grad.stride() == view.stride()
+class GradBucket:
+    """What a comm hook receives: torch.distributed.GradBucket's interface over one bucket.
 
-
-class Reducer:
-    """Averages parameters' gradients over ranks through flat buckets, overlapping the allreduces with backward.
-
-    Per backward: `ready(i)` for each gradient as autograd finishes it, then `finish()` once at the end, which
-    leaves the averages in `param.grad`.
+    buffer() holds this rank's gradients as they are (a hook divides by the world size itself, as under torch);
+    gradients() are views of the current buffer, shaped like the parameters.
     """
 
-    def __init__(
-        self,
-        comm: Communicator,
-        params: Sequence[torch.Tensor],
-        *,
-        cap_bytes: int,
-        first_cap_bytes: int,
-        algorithm: str,
-        grad_as_view: bool,
-    ) -> None:
-        self.comm, self.params = comm, list(params)
-        self.algorithm, self.grad_as_view = algorithm, grad_as_view
-        layout = assign(self.params, cap_bytes, first_cap_bytes)
-        last = len(layout) - 1
-        self.buckets = [Bucket(self.params, ix, extra=len(self.params) * (k == last)) for k, ix in enumerate(layout)]
-        self._bucket_of = {i: bucket for bucket in self.buckets for i in bucket.indices}
-        self._start()
+    def __init__(self, bucket: Bucket) -> None:
+        self._bucket, self._buffer = bucket, bucket.flat
 
-    def _start(self) -> None:
-        self.is_ready = [False] * len(self.params)
-        self.produced = [False] * len(self.params)  # sent in the last bucket's extra slots
-        self.launched = 0
-        for bucket in self.buckets:
-            bucket.waiting, bucket.handle = len(bucket.indices), None
+    def index(self) -> int:
+        return self._bucket.index
 
-    def ready(self, i: int) -> None:
-        """Parameter i's gradient is final for this backward: copy it into its bucket and launch what can go."""
-        self._fill(i, self.params[i].grad)
-        self._launch()
+    def is_last(self) -> bool:
+        return self._bucket.last
 
-    def _fill(self, i: int, grad: torch.Tensor | None) -> None:
-        bucket = self._bucket_of[i]
-        view = bucket.views[i]
-        if grad is None:
-            view.zero_()
-        elif _aliases(grad, view):  # accumulated straight into the bucket (gradient_as_bucket_view)
-            view.div_(self.comm.size)
-            self.produced[i] = True
-        else:
-            torch.mul(grad, 1.0 / self.comm.size, out=view)  # torch's own scaling, so results match it bit for bit
-            if self.grad_as_view:
-                self.params[i].grad = view
-            self.produced[i] = True
-        self.is_ready[i] = True
-        bucket.waiting -= 1
+    def buffer(self) -> torch.Tensor:
+        return self._buffer
 
-    def _launch(self) -> None:
-        while self.launched < len(self.buckets) and self.buckets[self.launched].waiting == 0:
-            bucket = self.buckets[self.launched]
-            if self.launched == len(self.buckets) - 1:
-                bucket.extra.copy_(torch.tensor(self.produced))
-            bucket.handle = self.comm.allreduce(
-                bucket.flat, op="sum", algorithm=self.algorithm, async_op=True, label={"bucket": self.launched}
-            )
-            self.launched += 1
+    def set_buffer(self, buffer: torch.Tensor) -> None:
+        self._buffer = buffer
 
-    def finish(self, late: Mapping[int, torch.Tensor | None]) -> list[int]:
-        """End the backward: fill the parameters still missing (their gradient from `late`, else zeros), launch
-        the remaining buckets, and hand each bucket's averages to `.grad` as soon as it arrives, while later ones
-        are still travelling. Returns how many ranks produced each parameter's gradient."""
-        try:
-            for i, ready in enumerate(self.is_ready):
-                if not ready:
-                    self._fill(i, late.get(i))
-            self._launch()
-            for bucket in self.buckets:
-                bucket.handle.wait()
-                for i in bucket.indices:
-                    if self.produced[i]:
-                        self._copy_out(i)
-            counts = self.buckets[-1].extra.round().long().tolist()
-            for i, produced in enumerate(self.produced):
-                if not produced and counts[i]:  # used elsewhere only; one no rank used keeps its .grad, as in torch
-                    self._copy_out(i)
-            return counts
-        finally:
-            self._start()
+    def gradients(self) -> list[torch.Tensor]:
+        return [self._bucket._view(self._buffer, k) for k in range(len(self._bucket.params))]
 
-    def _copy_out(self, i: int) -> None:
-        param, view = self.params[i], self._bucket_of[i].views[i]
-        if self.grad_as_view:
-            if param.grad is None or not _aliases(param.grad, view):
-                param.grad = view
-        elif param.grad is None:
-            param.grad = view.clone()
-        else:
-            param.grad.copy_(view)
+    def parameters(self) -> list[torch.Tensor]:
+        return list(self._bucket.params)

@@ -1,39 +1,47 @@
-"""DistributedDataParallel: torch's constructor and behaviour, over a distrib Communicator.
+"""DistributedDataParallel: torch's constructor, forward, hooks, join and pickling, over a distrib Communicator.
 
-Hooks only: a post-accumulate-grad hook per parameter tells the Reducer (buckets.py) that a gradient is
-ready, and a callback queued on autograd's engine waits for the buckets at the end of backward.
+Hooks only: a post-accumulate-grad hook per parameter hands its gradient to the Reducer (reducer.py), which does
+what torch's C++ reducer does. The checks and messages are torch's; the README lists every argument and method.
+Longer than the 300-line budget because it is one class with torch's whole public surface, argument by argument.
 """
 
 from __future__ import annotations
 
+import inspect
+import warnings
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.algorithms.join import Join
 
 from distrib.comm import Communicator
-from distrib.ddp.buckets import FIRST_BUCKET_BYTES, MIB, Reducer
-from distrib.process import init
+from distrib.ddp import messages
+from distrib.ddp.arguments import buffer_sync, check_module, communicator, devices, to_device
+from distrib.ddp.buckets import DEFAULT_CAP_MB, FIRST_BUCKET_BYTES, MIB
+from distrib.ddp.graph import find_tensors, through_sink, unused_parameters
+from distrib.ddp.join import Joining
+from distrib.ddp.reducer import Reducer
+from distrib.ddp.states import broadcast_, check_same_model, reducer_parameters, synced_buffers, synced_state
+from distrib.hooks import Bucket, allreduce_hook, fp16_compress_hook
+from distrib.process import STATE, init
 
-DEFAULT_BUCKET_CAP_MB = 25  # torch's default
-_SPARSE = (nn.Embedding, nn.EmbeddingBag)  # the modules whose gradients can be sparse
+_engine = torch.autograd.Variable._execution_engine
+_UNSUPPORTED = ("delay_all_reduce_named_params", "param_to_hook_all_reduce", "mixed_precision", "device_mesh",
+                "bucket_cap_mb_list")  # fmt: skip
+_UNPICKLED = ("comm", "reducer", "process_group", "_handles", "_comm_hooks")
 
 
-class DistributedDataParallel(nn.Module):
+class DistributedDataParallel(nn.Module, Joining):
     """Wraps `module` so that backward averages its gradients over all ranks; a drop-in for torch's DDP.
 
     Arguments as torch's, plus `comm` (a Communicator; None: `distrib.init()`) and `algorithm` (one of
-    distrib.ALGORITHMS; None: the communicator's default). `process_group` may be a Communicator too. Accepted and
-    ignored:
-    `dim` (torch scatters inputs along it only in its retired one-process-many-GPUs mode), `output_device` (as in
-    torch with one device per process, outputs stay where the module puts them) and `check_reduction` (a no-op in
-    torch too). `static_graph=True` allows unused parameters like `find_unused_parameters=True`; buckets are
-    never rebuilt here, so it has nothing else to do. A parameter that gets no gradient on some rank without
-    them is an error raised on every rank at the end of backward (the buckets carry who used what), never a hang.
+    distrib.ALGORITHMS; None: the communicator's default). `process_group` may be a torch ProcessGroup (then the
+    collectives go over it) or a Communicator.
     """
 
     def __init__(
@@ -42,81 +50,134 @@ class DistributedDataParallel(nn.Module):
         device_ids: Sequence[int | torch.device] | None = None,
         output_device: int | torch.device | None = None,
         dim: int = 0,
-        broadcast_buffers: bool = True,
+        broadcast_buffers: bool | None = None,
         init_sync: bool = True,
-        process_group: Communicator | None = None,
+        process_group: Any = None,
         bucket_cap_mb: float | None = None,
         find_unused_parameters: bool = False,
         check_reduction: bool = False,
         gradient_as_bucket_view: bool = False,
         static_graph: bool = False,
+        delay_all_reduce_named_params: Any = None,
+        param_to_hook_all_reduce: Any = None,
+        mixed_precision: Any = None,
+        device_mesh: Any = None,
+        skip_all_reduce_unused_params: bool = False,
+        bucket_cap_mb_list: list[int] | None = None,
+        batched_grad_copy: bool = False,
+        forward_sync_buffers: bool | None = None,
         *,
         comm: Communicator | None = None,
         algorithm: str | None = None,
     ) -> None:
         super().__init__()
-        self.comm = _communicator(comm, process_group)
-        named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
-        if not named:
-            raise ValueError(
-                f"{type(module).__name__} has no parameter that requires a gradient; there is nothing for "
-                "DistributedDataParallel to average (leave the module unwrapped)"
-            )
-        sparse = [name for name, m in module.named_modules() if isinstance(m, _SPARSE) and m.sparse]
-        if sparse:
-            raise ValueError(
-                f"{sparse[0]!r} makes sparse gradients, which the flat buckets cannot hold; use sparse=False"
-            )
-        if bucket_cap_mb is not None and not bucket_cap_mb > 0:
-            raise ValueError(f"bucket_cap_mb must be a positive number of MiB, got {bucket_cap_mb}")
-        algorithm = self.comm.check_algorithm(algorithm or self.comm.algorithm)
-        self.module = module
-        self.device = _input_device(device_ids, output_device, [p for _, p in named])
-        self.broadcast_buffers = broadcast_buffers
+        Joining.__init__(self)
+        given = {name: value for name, value in locals().items() if name in _UNSUPPORTED and value is not None}
+        if given or skip_all_reduce_unused_params:
+            name = next(iter(given), "skip_all_reduce_unused_params")
+            raise NotImplementedError(f"distrib's DistributedDataParallel does not support {name}; leave it unset")
+        self._logging: dict[str, Any] = {}
+        self.comm = communicator(comm, process_group)
+        self.process_group = self.comm.process_group  # torch's own utilities (Join) need one; None where none
+        ignored = set(getattr(module, "_ddp_params_and_buffers_to_ignore", ()))
+        self.parameters_to_ignore = ignored
+        mine = [p for name, p in module.named_parameters() if name not in ignored]
+        if not any(p.requires_grad for p in mine):
+            self._throw(RuntimeError, messages.NO_PARAMETERS)
+        self.device_ids, self.output_device, self.device_type = devices(self, device_ids, output_device, mine)
+        self.is_multi_device_module = len({p.device for p in mine}) > 1
+        self.static_graph = False
+        self.dim, self.module, self.device = dim, module, mine[0].device
+        self.forward_sync_buffers, init_sync_buffers = buffer_sync(broadcast_buffers, forward_sync_buffers)
         self.find_unused_parameters = find_unused_parameters
-        self.static_graph = static_graph
-        self.gradient_as_bucket_view = gradient_as_bucket_view
         self.require_backward_grad_sync = True  # False inside no_sync()
         self.require_forward_param_sync = True  # torch's name: sync buffers before the next forward
-
-        _check_same_model(self.comm, module)
+        self.gradient_as_bucket_view = gradient_as_bucket_view
+        if check_reduction:
+            warnings.warn(
+                "The `check_reduction` argument in `DistributedDataParallel` module is deprecated. Please avoid "
+                "using it.", FutureWarning, stacklevel=2,
+            )  # fmt: skip
+        check_module(self, module, mine)
+        if bucket_cap_mb is not None and not bucket_cap_mb > 0:
+            raise ValueError(f"bucket_cap_mb must be a positive number of MiB, got {bucket_cap_mb}")
+        self.bucket_bytes_cap = int((DEFAULT_CAP_MB if bucket_cap_mb is None else bucket_cap_mb) * MIB)
+        first_cap = FIRST_BUCKET_BYTES if bucket_cap_mb is None else self.bucket_bytes_cap  # torch: default cap only
+        params, names = reducer_parameters(module, ignored)
         if init_sync:
-            states = [p for p in module.parameters()] + (list(module.buffers()) if broadcast_buffers else [])
-            _broadcast_(self.comm, states)
-
-        cap = int((DEFAULT_BUCKET_CAP_MB if bucket_cap_mb is None else bucket_cap_mb) * MIB)
-        self._names = [name for name, _ in named]
-        self._params = [p for _, p in named]
+            check_same_model(self.comm, params, self.comm.rank)
+            broadcast_(self.comm, synced_state(module, ignored, init_sync_buffers))
+        self._names = names
         self.reducer = Reducer(
-            self.comm,
-            self._params,
-            cap_bytes=cap,
-            first_cap_bytes=FIRST_BUCKET_BYTES if bucket_cap_mb is None else cap,  # torch: only with the default cap
-            algorithm=algorithm,
-            grad_as_view=gradient_as_bucket_view,
-        )
-        self._expect_grads = False  # set by a forward that needs its backward synchronised
-        self._callback_queued, self._task = False, -1
-        self._used_since_sync: set[int] = set()  # gradients accumulated in no_sync() steps count as produced
-        # The hooks hold the wrapper weakly: a parameter's hooks live in C++, where the garbage collector cannot
-        # see a cycle back to the wrapper, which would then never be freed (nor its buckets).
-        handles = [
-            p.register_post_accumulate_grad_hook(partial(_hook, weakref.ref(self), i))
-            for i, p in enumerate(self._params)
+            self.comm, params, names, first_cap=first_cap, cap=self.bucket_bytes_cap,
+            algorithm=self.comm.check_algorithm(algorithm or self.comm.algorithm), grad_as_view=gradient_as_bucket_view,
+            find_unused=find_unused_parameters,
+        )  # fmt: skip
+        self._register_hooks()
+        self._comm_hooks: list[tuple[Callable, Any]] = []
+        self._has_rebuilt_buckets = False
+        self._static_graph_delay_allreduce_enqueued = False
+        self._divide_by_initial_world_size = True
+        self._authoritative_rank: int | None = None
+        if static_graph:
+            self._set_static_graph()
+
+    def _register_hooks(self) -> None:
+        # The hooks hold the wrapper weakly: a parameter's hooks live in C++, where the garbage collector cannot see
+        # a cycle back to the wrapper, which would then never be freed (nor its buckets).
+        ref = weakref.ref(self)
+        self._handles = [
+            p.register_post_accumulate_grad_hook(partial(_hook, ref, i)) for i, p in enumerate(self.reducer.params)
         ]
-        weakref.finalize(self, _remove, handles)
+        weakref.finalize(self, _remove, self._handles)
+
+    # Forward.
 
     def forward(self, *inputs: Any, **kwargs: Any) -> Any:
-        if self.device is not None:
-            inputs, kwargs = _to(inputs, self.device), _to(kwargs, self.device)
-        if self.require_forward_param_sync and self.broadcast_buffers:
-            _broadcast_(self.comm, list(self.module.buffers()))
-        output = self.module(*inputs, **kwargs)
-        # As in torch: whether this forward's backward synchronises (and the next forward syncs buffers) is
-        # decided here, so the forward must be inside no_sync() too.
-        self._expect_grads = torch.is_grad_enabled() and self.require_backward_grad_sync
-        self.require_forward_param_sync = self._expect_grads
+        inputs, kwargs = self._pre_forward(*inputs, **kwargs)
+        return self._post_forward(self.module(*inputs, **kwargs))
+
+    def _pre_forward(self, *inputs: Any, **kwargs: Any) -> tuple[Any, Any]:
+        grad = torch.is_grad_enabled()
+        if grad and self.require_backward_grad_sync:
+            self.reducer.prepare_for_forward()
+        work = Join.notify_join_context(self)  # in a join context: "this rank still trains"
+        if work:
+            self.reducer.join_work, self.reducer.static_world_size = work, self._divide_by_initial_world_size
+        try:
+            if grad and self.reducer.rebuild_buckets():
+                self._has_rebuilt_buckets = True
+        except RuntimeError as error:
+            self._throw(RuntimeError, str(error))
+        if self.will_sync_module_buffers():
+            self._sync_buffers(self.common_rank(True) if self._join_config.enable else 0)
+        if self._join_config.enable:
+            self.iteration_syncs(joined=False)
+        if self.device_ids:
+            device = torch.device(self.device_type, self.device_ids[0])
+            inputs, kwargs = to_device(inputs, device), to_device(kwargs, device)
+        return inputs, kwargs
+
+    def _post_forward(self, output: Any) -> Any:
+        if torch.is_grad_enabled() and self.require_backward_grad_sync:
+            self.require_forward_param_sync = True
+            dynamic = self.find_unused_parameters and not self.static_graph
+            self.reducer.prepare_for_backward(
+                unused_parameters(find_tensors(output), self.reducer.params) if dynamic else None
+            )
+        else:
+            self.require_forward_param_sync = False
+        if (self.find_unused_parameters and not self.static_graph) or (
+            self.static_graph and not self._static_graph_delay_allreduce_enqueued
+        ):
+            output = through_sink(self, output)
         return output
+
+    def _sink_reached(self) -> None:
+        """The sink's backward, first in the outermost graph task: a static graph's first iteration ends there."""
+        if self.static_graph and not self._static_graph_delay_allreduce_enqueued and self.reducer.expect_hooks:
+            _engine.queue_callback(self.reducer.delay_all_reduce)
+            self._static_graph_delay_allreduce_enqueued = True
 
     @contextmanager
     def no_sync(self) -> Iterator[None]:
@@ -128,142 +189,174 @@ class DistributedDataParallel(nn.Module):
         finally:
             self.require_backward_grad_sync = previous
 
-    def _on_grad(self, i: int, param: torch.Tensor) -> None:
-        self._used_since_sync.add(i)
-        if not self._expect_grads:
-            return
-        task = torch._C._current_graph_task_id()
-        if not self._callback_queued:
-            self._callback_queued, self._task = True, task
-            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
-        elif task != self._task:  # the wait queued on one backward would run before the other one ends
-            raise RuntimeError(
-                f"parameter {self._names[i]!r} got its gradient in a nested backward (reentrant activation "
-                "checkpointing); DistributedDataParallel needs one backward per step: use "
-                "torch.utils.checkpoint.checkpoint(..., use_reentrant=False)"
-            )
-        self.reducer.ready(i)
+    # Buffers.
 
-    def _end_of_backward(self) -> None:
-        """Wait for every bucket; a parameter without a gradient on some rank is an error unless allowed."""
-        self._callback_queued = self._expect_grads = False
-        late = {i: self._params[i].grad for i in self._used_since_sync if not self.reducer.is_ready[i]}
-        self._used_since_sync.clear()
-        counts = self.reducer.finish(late)
-        size = self.comm.size
-        missing = [(name, n) for name, n in zip(self._names, counts) if n < size]
-        if missing and not (self.find_unused_parameters or self.static_graph):
-            listed = ", ".join(f"{name!r} (gradient on {n} of {size} ranks)" for name, n in missing[:10])
-            more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
-            raise RuntimeError(
-                f"DistributedDataParallel: {len(missing)} parameter(s) got no gradient in this backward on some "
-                f"rank: {listed}{more}. Use the same parameters on every rank, or pass "
-                "find_unused_parameters=True so unused ones count as zero gradients"
+    def will_sync_module_buffers(self) -> bool:
+        return (
+            self.require_forward_param_sync
+            and self.forward_sync_buffers
+            and bool(synced_buffers(self.module, self.parameters_to_ignore))
+        )
+
+    @property
+    def broadcast_buffers(self) -> bool:
+        return self.forward_sync_buffers
+
+    @broadcast_buffers.setter
+    def broadcast_buffers(self, value: bool) -> None:
+        self.forward_sync_buffers = value
+
+    def _sync_buffers(self, root: int) -> None:
+        broadcast_(self.comm, synced_buffers(self.module, self.parameters_to_ignore), root)
+
+    # Comm hooks.
+
+    def register_comm_hook(self, state: object, hook: Callable) -> None:
+        """torch's comm hook: hook(state, bucket) -> torch.futures.Future of the reduced bucket, the gradients
+        reaching it undivided (distrib.hooks has torch's hooks over a distrib Communicator)."""
+        self._check_comm_hook(hook)
+        if self._comm_hooks:
+            self._throw(RuntimeError, messages.HOOK_ONCE)
+        self._comm_hooks.append((hook, state))
+        self._logging["comm_hook"] = getattr(hook, "__qualname__", repr(hook))
+        self.reducer.comm_hook = (state, hook)
+
+    def _register_builtin_comm_hook(self, comm_hook_type: Any) -> None:
+        """torch's built-in hooks, ALLREDUCE and FP16_COMPRESS, as distrib.hooks' over this wrapper's communicator."""
+        if self._comm_hooks:
+            self._throw(RuntimeError, "register_builtin_comm_hook or register_comm_hook can only be called once.")
+        hook = {"ALLREDUCE": allreduce_hook, "FP16_COMPRESS": fp16_compress_hook}[comm_hook_type.name]
+        self._comm_hooks.append((hook, self.comm))
+        self._logging["comm_hook"] = str(comm_hook_type)
+        self.reducer.comm_hook = (self.comm, hook)
+
+    def _register_buffer_comm_hook(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(
+            "distrib's DistributedDataParallel has no buffer comm hooks; buffers follow rank 0 before each forward "
+            "(forward_sync_buffers=True), or stay each rank's own (False)"
+        )
+
+    def _register_fused_optim(self, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(
+            "distrib's DistributedDataParallel does not run the optimizer in backward; call optimizer.step()"
+        )
+
+    def _check_comm_hook(self, hook: Callable) -> None:
+        """torch's checks: callable, and annotated (if at all) with torch's GradBucket and Future[Tensor]."""
+        if not callable(hook):
+            self._throw(TypeError, "Communication hook must be callable.")
+        signature = inspect.signature(hook)
+        bucket = signature.parameters.get("bucket")
+        # The annotations are compared with torch's types, as torch does (no communication is involved).
+        if bucket is not None and bucket.annotation not in (
+            inspect.Parameter.empty,
+            torch.distributed.GradBucket,
+            Bucket,
+        ):
+            self._throw(ValueError, "Communication hook: bucket annotation should be dist.GradBucket.")
+        returned = signature.return_annotation
+        if returned not in (inspect.Signature.empty, torch.futures.Future[torch.Tensor]):
+            self._throw(
+                ValueError, "Communication hook: return annotation should be torch.futures.Future[torch.Tensor]."
             )
+
+    # Static graphs, pickling, and torch's private helpers that scripts use.
+
+    def _set_static_graph(self) -> None:
+        if self.static_graph:
+            warnings.warn("You've set static_graph to be True, no need to set it again.", stacklevel=2)
+            return
+        if self.reducer.num_iterations:
+            self._throw(RuntimeError, messages.STATIC_TOO_LATE)
+        self.static_graph = True
+        self._static_graph_delay_allreduce_enqueued = False
+        self.reducer.set_static_graph()
+        self._logging["static_graph"] = 1
+        if self.find_unused_parameters:
+            warnings.warn(
+                "You passed find_unused_parameters=true to DistributedDataParallel, `_set_static_graph` will detect "
+                "unused parameters automatically, so you do not need to set find_unused_parameters=true, just be "
+                "sure these unused parameters will not change during training loop while calling "
+                "`_set_static_graph`.", stacklevel=2,
+            )  # fmt: skip
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self.comm is not STATE.comm:
+            raise RuntimeError(
+                "DDP Pickling/Unpickling are only supported when using DDP with the default process group. That "
+                "is, when you have called init_process_group and have not passed process_group argument to DDP "
+                "constructor"
+            )
+        return {k: v for k, v in self.__dict__.items() if k not in _UNPICKLED}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A copy (deepcopy, torch.load) rebuilds its reducer and hooks over the default communicator, as torch's."""
+        super().__setstate__(state)
+        self.comm = init()
+        self.process_group = self.comm.process_group
+        self._comm_hooks = []
+        params, names = reducer_parameters(self.module, self.parameters_to_ignore)
+        self.reducer = Reducer(
+            self.comm, params, names, first_cap=FIRST_BUCKET_BYTES, cap=self.bucket_bytes_cap,
+            algorithm=self.comm.algorithm, grad_as_view=self.gradient_as_bucket_view,
+            find_unused=self.find_unused_parameters,
+        )  # fmt: skip
+        self._register_hooks()
+        if self.static_graph:
+            self.reducer.set_static_graph()
+
+    @staticmethod
+    def _set_params_and_buffers_to_ignore_for_model(module: nn.Module, params_and_buffers_to_ignore: Any) -> None:
+        """Names (relative to `module`) of parameters and buffers DDP neither checks, broadcasts nor reduces."""
+        module._ddp_params_and_buffers_to_ignore = params_and_buffers_to_ignore
+        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+            if name in params_and_buffers_to_ignore:
+                tensor._ddp_ignored = True
+
+    @staticmethod
+    def _get_data_parallel_params(module: nn.Module, named_params: bool = False) -> Iterator[Any]:
+        for item in module.named_parameters() if named_params else module.parameters():
+            if not hasattr(item[1] if named_params else item, "_ddp_ignored"):
+                yield item
+
+    def _check_reducer_finalized(self) -> None:
+        self.reducer.ensure_prior_reduction_finished()
+
+    def _remove_autograd_hooks(self) -> None:
+        _remove(self._handles)
+
+    def _get_ddp_logging_data(self) -> dict[str, Any]:
+        """The fields of torch's logging data that distrib knows the same way."""
+        params = self.reducer.params
+        return {
+            "world_size": self.comm.size, "rank": self.comm.rank, "module_name": type(self.module).__name__,
+            "backend_name": self.comm.backend, "iteration": self.reducer.num_iterations, "device_ids": "",
+            "output_device": -1, "broadcast_buffers": int(self.forward_sync_buffers),
+            "bucket_cap_bytes": self.bucket_bytes_cap, "find_unused_parameters": int(self.find_unused_parameters),
+            "gradient_as_bucket_view": int(self.gradient_as_bucket_view),
+            "is_multi_device_module": int(self.is_multi_device_module), "num_parameter_tensors": len(params),
+            "total_parameter_size_bytes": sum(p.numel() * p.element_size() for p in params),
+            "dtypes": ", ".join(sorted({str(p.dtype).removeprefix("torch.") for p in params})),
+            "bucket_sizes": ", ".join(str(b.flat.numel() * b.flat.element_size()) for b in self.reducer.buckets),
+            "has_rebuilt_buckets": int(self._has_rebuilt_buckets), "has_error": int("error" in self._logging),
+            **self._logging,
+        }  # fmt: skip
+
+    def _throw(self, kind: type[Exception], message: str) -> None:
+        """Raise, and keep the message where torch's logging data keeps it."""
+        self._logging["error"] = message
+        raise kind(message)
 
 
 def _hook(ddp: weakref.ref, i: int, param: torch.Tensor) -> None:
     wrapper = ddp()
     if wrapper is not None:
-        wrapper._on_grad(i, param)
+        try:
+            wrapper.reducer.autograd_hook(i)
+        except RuntimeError as error:
+            wrapper._throw(RuntimeError, str(error))
 
 
 def _remove(handles: list) -> None:
     for handle in handles:
         handle.remove()
-
-
-def _communicator(comm: Communicator | None, process_group: Any) -> Communicator:
-    if comm is not None and process_group is not None:
-        raise ValueError("pass the communicator as comm or as process_group, not both")
-    chosen = comm if comm is not None else process_group
-    if chosen is None:
-        return init()
-    if not isinstance(chosen, Communicator):
-        raise TypeError(
-            f"comm/process_group must be a distrib Communicator (from distrib.init()), got {type(chosen).__name__}; "
-            "torch.distributed process groups are not used by distrib's DDP, leave it None for the default"
-        )
-    return chosen
-
-
-def _input_device(
-    device_ids: Sequence[int | torch.device] | None, output_device: Any, params: Sequence[torch.Tensor]
-) -> torch.device | None:
-    """The device inputs are moved to before forward (device_ids[0]), or None to leave them alone."""
-    types = {p.device.type for p in params}
-    if len(types) != 1:
-        raise ValueError(f"the module's parameters must all be on one device type, found {sorted(types)}")
-    if device_ids is not None and len(device_ids) > 1:
-        raise ValueError(
-            f"device_ids can only be None or hold one device, got {list(device_ids)}; run one process per device"
-        )
-    if not device_ids:
-        if output_device is not None:
-            raise ValueError("output_device needs device_ids; leave both None for a CPU or multi-device module")
-        return None
-    devices = {p.device for p in params}
-    if types == {"cpu"} or len(devices) > 1:
-        raise ValueError(
-            f"device_ids={list(device_ids)} is for a module on one GPU, but its parameters are on "
-            f"{sorted(map(str, devices))}; leave device_ids None"
-        )
-    first = device_ids[0]
-    index = first.index if isinstance(first, torch.device) else int(first)
-    return torch.device(next(iter(types)), index)
-
-
-def _to(obj: Any, device: torch.device) -> Any:
-    """Tensors in nested tuples, lists and dicts moved to `device`, everything else as it was."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple
-        return type(obj)(*(_to(x, device) for x in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to(x, device) for x in obj)
-    if isinstance(obj, dict):
-        return {key: _to(value, device) for key, value in obj.items()}
-    return obj
-
-
-def _describe(entry: tuple | None) -> str:
-    return "missing" if entry is None else f"{entry[1]!r} {entry[3]} {entry[2]}"
-
-
-def _check_same_model(comm: Communicator, module: nn.Module) -> None:
-    """Raise on every rank, naming the first parameter or buffer that differs across ranks, before any broadcast."""
-    tensors = [("parameter", *item) for item in module.named_parameters()]
-    tensors += [("buffer", *item) for item in module.named_buffers()]
-    mine = [(kind, name, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for kind, name, t in tensors]
-    everyone = comm.allgather_object(mine)
-    for k in range(max(len(entries) for entries in everyone)):
-        column = [entries[k] if k < len(entries) else None for entries in everyone]
-        ranks = [r for r, entry in enumerate(column) if entry != column[0]]
-        if ranks:
-            kind = (column[0] or column[ranks[0]])[0]
-            raise ValueError(
-                f"DistributedDataParallel: the model differs across ranks at {kind} #{k}: {_describe(column[0])} on "
-                f"rank 0 but {_describe(column[ranks[0]])} on rank(s) {ranks}; build the same model on every rank"
-            )
-
-
-def _broadcast_(comm: Communicator, tensors: Sequence[torch.Tensor], root: int = 0) -> None:
-    """Overwrite `tensors` with rank root's values: one broadcast of their bytes per device."""
-    if comm.size == 1 or not tensors:
-        return
-    by_device: dict[torch.device, list[torch.Tensor]] = {}
-    for t in tensors:
-        by_device.setdefault(t.device, []).append(t)
-    for device, group in by_device.items():
-        nbytes = [t.numel() * t.element_size() for t in group]
-        offsets = [0]
-        for n in nbytes:
-            offsets.append(offsets[-1] + -(-n // 16) * 16)  # 16-byte aligned, so each slice views as its dtype
-        flat = torch.empty(offsets[-1], dtype=torch.uint8, device=device)
-        with torch.no_grad():
-            for t, start, n in zip(group, offsets, nbytes):
-                flat[start : start + n].copy_(t.detach().reshape(-1).view(torch.uint8))
-            comm.broadcast(flat, root)
-            if comm.rank != root:
-                for t, start, n in zip(group, offsets, nbytes):
-                    t.copy_(flat[start : start + n].view(t.dtype).view(t.shape))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable
 
 from distrib.tasks import rl
@@ -10,6 +11,7 @@ from distrib.tasks.autoencoder import Autoencoder
 from distrib.tasks.base import Batch, Models, Task
 from distrib.tasks.classify import Classify
 from distrib.tasks.gan import GAN
+from distrib.tasks.lm import LanguageModel
 
 BUILTIN: dict[str, Callable[..., Task]] = {
     "classify": Classify,
@@ -17,6 +19,7 @@ BUILTIN: dict[str, Callable[..., Task]] = {
     "gan": GAN,
     "rl": rl.ReinforcementLearning,
     "rl-on-policy": rl.on_policy,
+    "lm": LanguageModel,
 }
 
 
@@ -36,6 +39,15 @@ def load(spec: str, seed: int = 0) -> Task:
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise ValueError(f"task {spec!r}: {module_name} has no callable {attr!r}")
+    try:
+        inspect.signature(factory).bind(seed=seed)
+    except TypeError as error:  # e.g. os:system; an error inside a real factory stays its own traceback
+        raise ValueError(
+            f"task {spec!r}: {attr} is not a task factory: calling it with seed={seed} fails ({error}); "
+            "a factory takes seed= and returns a Task (see distrib/tasks/base.py)"
+        ) from None
+    except ValueError:
+        pass  # no signature to read (some builtins): calling it will tell
     task = factory(seed=seed)
     missing = [
         name

@@ -49,6 +49,6 @@ class Autoencoder:
     def loss(self, phase: str, guesses: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return ((guesses - targets) ** 2).mean(1)
 
-    def evaluate(self, models: Models, batch: Batch) -> dict[str, float]:
+    def evaluate(self, models: Models, batch: Batch) -> dict[str, float | torch.Tensor]:
         error = ((models["model"](batch[0]) - batch[0]) ** 2).mean(1)
-        return {"loss": float(error.sum()), "count": float(len(error))}
+        return {"loss": error.sum(), "count": float(len(error))}

@@ -1,4 +1,8 @@
-"""What a task tells the universal loop: its models, its data, how to derive targets, its loss and its stats."""
+"""What a task tells the universal loop: its models, its data, how to derive targets, its loss and its stats.
+
+Devices: a task builds its models and collects its data on the CPU; the loop moves the models' minibatches to their
+device. A tensor a task makes itself (targets, noise) it makes on the device of the tensors it is given.
+"""
 
 from __future__ import annotations
 
@@ -28,7 +32,8 @@ class Task(Protocol):
     `phases` names the models updated in turn on each minibatch: ("model",) for most tasks, a GAN's
     ("discriminator", "generator"). Each phase has its own optimizer and its own apply/targets/loss.
     A task that keeps state across epochs (RL's replay memory) adds state_dict() and load_state_dict() of
-    tensors and plain values; checkpoints then hold it too.
+    tensors and plain values; checkpoints then hold it too. A task that can show what its models make adds
+    sample(models) -> str; python -m distrib.train prints it at the end of a run (a language model's text).
     """
 
     phases: Sequence[str]
@@ -57,8 +62,9 @@ class Task(Protocol):
         """Per-sample losses, shape [batch]: the loop weights and sums them so any world size gives one result."""
         ...
 
-    def evaluate(self, models: Models, batch: Batch) -> dict[str, float]:
-        """Validation sums over a batch (e.g. loss, correct) plus "count"; the loop adds them over ranks."""
+    def evaluate(self, models: Models, batch: Batch) -> dict[str, float | torch.Tensor]:
+        """Validation sums over a batch (e.g. loss, correct) plus "count", as floats or 0-d tensors (left on the
+        device, they cost no wait there); the loop adds them over ranks."""
         ...
 
 

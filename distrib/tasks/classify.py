@@ -67,11 +67,11 @@ class Classify:
     def loss(self, phase: str, guesses: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(guesses, targets, reduction="none")
 
-    def evaluate(self, models: Models, batch: Batch) -> dict[str, float]:
+    def evaluate(self, models: Models, batch: Batch) -> dict[str, float | torch.Tensor]:
         logits = models["model"](batch[0])
         return {
-            "loss": float(F.cross_entropy(logits, batch[1], reduction="sum")),
-            "accuracy": float((logits.argmax(1) == batch[1]).sum()),  # summed here, divided by count in the loop
+            "loss": F.cross_entropy(logits, batch[1], reduction="sum"),
+            "accuracy": (logits.argmax(1) == batch[1]).sum(),  # summed here, divided by count in the loop
             "count": float(len(batch[1])),
         }
 

@@ -100,14 +100,14 @@ class GAN:
     def targets(self, phase: str, models: Models, batch: Batch, guesses: torch.Tensor) -> torch.Tensor:
         """Labels, not data: real is 1 and fake 0 for the discriminator; the generator wants its fakes called real."""
         if phase == "discriminator":
-            return torch.tensor([1.0, 0.0]).expand(len(guesses), 2)
+            return torch.tensor([1.0, 0.0], device=guesses.device).expand(len(guesses), 2)
         return torch.ones_like(guesses)
 
     def loss(self, phase: str, guesses: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         losses = F.binary_cross_entropy_with_logits(guesses[:, :2], targets, reduction="none").sum(1)
         return losses + self.r1 / 2 * guesses[:, 2] if phase == "discriminator" else losses
 
-    def evaluate(self, models: Models, batch: Batch) -> dict[str, float]:
+    def evaluate(self, models: Models, batch: Batch) -> dict[str, float | torch.Tensor]:
         """Energy distance 2E|X-Y| - E|X-X'| - E|Y-Y'| as a sum over samples, so ranks' slices simply add up.
 
         Each generated y is compared with every reference point, and with partners y' from its own extra noise.
@@ -115,6 +115,6 @@ class GAN:
         generator = models["generator"]
         fake = generator(batch[0]).double()
         partners = generator(batch[1].flatten(0, 1)).double().view(*batch[1].shape[:2], 2)
-        cross = torch.cdist(fake, self._reference.double()).mean(1)
+        cross = torch.cdist(fake, self._reference.to(fake.device, torch.float64)).mean(1)
         energy = 2 * cross - (fake[:, None] - partners).norm(dim=2).mean(1) - self._spread
-        return {"energy_distance": float(energy.sum()), "count": float(len(energy))}
+        return {"energy_distance": energy.sum(), "count": float(len(energy))}

@@ -18,6 +18,7 @@ from torch.nn import functional as F
 
 from distrib.comm import Communicator
 from distrib.data import split
+from distrib.device import where
 from distrib.tasks import cartpole
 from distrib.tasks.base import Batch, Models, unwrap
 
@@ -101,7 +102,7 @@ class ReinforcementLearning:
 
     def targets(self, phase: str, models: Models, batch: Batch, guesses: torch.Tensor) -> torch.Tensor:
         """Per transition: the action taken, its log-probability when taken, and its advantage from future rewards."""
-        return torch.stack([batch[1].to(guesses.dtype), batch[2], batch[3]], dim=1)
+        return torch.stack([batch[1].to(batch[2].dtype), batch[2], batch[3]], dim=1)
 
     def loss(self, phase: str, guesses: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         actions, old_logp, advantage = targets[:, 0].long(), targets[:, 1], targets[:, 2]
@@ -111,7 +112,7 @@ class ReinforcementLearning:
         entropy = -(logp_all.exp() * logp_all).sum(1)
         return -gain - self.entropy * entropy
 
-    def evaluate(self, models: Models, batch: Batch) -> dict[str, float]:
+    def evaluate(self, models: Models, batch: Batch) -> dict[str, float | torch.Tensor]:
         seeds = [(self.seed, 1, int(e)) for e in batch[0]]  # never a training episode's seed
         returns = [len(e) for e in play(unwrap(models["policy"]), seeds, greedy=True)]
         return {"return": float(sum(returns)), "count": float(len(returns))}
@@ -121,8 +122,9 @@ def play(policy: nn.Module, seeds: Sequence[tuple[int, ...]], greedy: bool) -> l
     """One CartPole episode per seed, all stepped together; each as rows [state (4), action, log-probability].
 
     An episode's start and its action draws come from its own seed alone, so which rank plays it, and beside
-    which others, does not change it.
+    which others, does not change it. The carts are numpy on the CPU; only the states visit the policy's device.
     """
+    device = where(policy)
     rngs = [np.random.default_rng(seed) for seed in seeds]
     states = np.array([cartpole.reset(rng)[0] for rng in rngs]).reshape(len(seeds), 4)
     draws = np.array([rng.random(cartpole.MAX_STEPS) for rng in rngs]).reshape(len(seeds), cartpole.MAX_STEPS)
@@ -133,7 +135,8 @@ def play(policy: nn.Module, seeds: Sequence[tuple[int, ...]], greedy: bool) -> l
         if not len(alive):
             break
         with torch.no_grad():
-            logp = F.log_softmax(policy(torch.as_tensor(states[alive], dtype=torch.float32)), dim=1).double().numpy()
+            inputs = torch.as_tensor(states[alive], dtype=torch.float32).to(device)
+            logp = F.log_softmax(policy(inputs), dim=1).double().cpu().numpy()
         actions = logp.argmax(1) if greedy else (draws[alive, t] < np.exp(logp[:, 1])).astype(np.int64)
         rows[alive, t, :4] = states[alive]
         rows[alive, t, 4] = actions

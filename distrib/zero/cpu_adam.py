@@ -7,12 +7,12 @@ A bf16/fp16 model takes the updated fp32 master with ``model_shard.copy_(param)`
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["adam_step_"]
+__all__ = ["adam_groups_", "adam_step_"]
 
 
 def adam_step_(
@@ -56,6 +56,32 @@ def adam_step_(
         eps=eps,
         maximize=maximize,
     )
+
+
+def adam_groups_(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    *,
+    step: int,
+    hyper: Sequence[tuple[slice, dict]],
+    adamw: bool,
+    tile: slice = slice(0, None),
+) -> None:
+    """adam_step_ on the elements of `tile` of flat shards, each param group's span with its own hyperparameters.
+
+    hyper: (span of the shard, param group with lr, betas, eps, weight_decay) per group. Adam is elementwise, so
+    stepping the shard tile by tile gives the very same numbers as stepping it whole.
+    """
+    end = param.numel() if tile.stop is None else tile.stop
+    for span, group in hyper:
+        part = slice(max(span.start, tile.start), min(span.stop, end))
+        if part.start >= part.stop:
+            continue
+        (beta1, beta2), args = group["betas"], {k: group[k] for k in ("lr", "eps", "weight_decay")}
+        moments = exp_avg[part], exp_avg_sq[part]
+        adam_step_(param[part], grad[part], *moments, step=step, beta1=beta1, beta2=beta2, adamw=adamw, **args)
 
 
 def _fused_kernel(adamw: bool) -> Callable[..., None]:

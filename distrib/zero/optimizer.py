@@ -1,14 +1,14 @@
 """ZeroOffloadOptimizer: Adam/AdamW whose state is split across ranks and kept on the CPU (ZeRO-2 with offload).
 
 Every rank holds the whole model; rank r keeps fp32 master weights and Adam moments for shard r of the flat
-parameter buffer only (layout.py). One step: reduce-scatter the gradients (averaged over ranks), copy the
-owned shard to the CPU in fp32, run Adam there, copy back in the parameters' dtype, allgather the shards
-straight into the parameters.
+parameter buffer only (layout.py), in CPU memory: none on the GPU. One step: reduce-scatter the gradients
+(averaged over ranks, on the parameters' device), then tile by tile (tiles.py) copy the owned shard's gradient to
+pinned CPU memory, run Adam on the fp32 master there, copy it back in the parameters' dtype while the next tile
+steps, and allgather the shards straight into the parameters.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import threading
 from collections.abc import Callable, Iterable
@@ -20,9 +20,10 @@ from torch import Tensor
 
 from distrib.comm import Communicator
 from distrib.process import init
-from distrib.zero.cpu_adam import adam_step_
+from distrib.zero.cpu_adam import adam_groups_
 from distrib.zero.groups import TORCH_GROUP, check_group, groups_out, load_groups
 from distrib.zero.layout import FlatLayout, check_params, flatten_, gather, per_parameter, scatter_
+from distrib.zero.tiles import TILE_NUMEL, Offload, check_tile
 
 __all__ = ["ZeroOffloadOptimizer"]
 
@@ -37,7 +38,8 @@ class ZeroOffloadOptimizer(torch.optim.Optimizer):
     over micro-batches; only step() communicates. ``delay_update=True`` (the ZeRO-Offload paper's DPU) runs the
     CPU step of step t in a thread while step t+1 computes: each gradient is then taken at parameters one update
     older than without it, which changes the math; ``flush()`` applies the update still in flight. A parameter
-    that gets no gradient in a step is stepped with a zero one (torch.optim skips it).
+    that gets no gradient in a step is stepped with a zero one (torch.optim skips it). ``tile_numel``: elements
+    per tile of the offloaded step (None: the whole shard at once, no overlap of copies and CPU work).
     """
 
     def __init__(
@@ -52,8 +54,10 @@ class ZeroOffloadOptimizer(torch.optim.Optimizer):
         comm: Communicator | None = None,
         algorithm: str | None = None,
         delay_update: bool = False,
+        tile_numel: int | None = TILE_NUMEL,
     ) -> None:
         params = list(params)
+        check_tile(tile_numel)
         if not params:
             raise ValueError("ZeroOffloadOptimizer got an empty parameter list; pass model.parameters()")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
@@ -70,15 +74,12 @@ class ZeroOffloadOptimizer(torch.optim.Optimizer):
         self.comm.broadcast(self._flat, 0)  # every rank starts from rank 0's weights
         self._own = self._flat[self.layout.shard(self.comm.rank)]
         self._spans = self.layout.group_spans(self.comm.rank)
-        # The CPU side: pinned when the parameters live on a GPU, so the copies both ways run at full speed.
-        self._host = functools.partial(
-            torch.zeros, self._own.numel(), dtype=torch.float32, pin_memory=self._flat.is_cuda
-        )
-        self._exp_avg, self._exp_avg_sq = self._host(), self._host()
+        self._exp_avg, self._exp_avg_sq = (torch.zeros(self._own.numel()) for _ in range(2))
         # fp32 parameters on the CPU, not delayed: the owned shard itself is the master, updated in place.
         separate = delay_update or self._flat.dtype != torch.float32 or self._flat.device.type != "cpu"
         self._master: Tensor | None = None if separate else self._own  # separate: read from the parameters
-        self._grad_buf = self._host() if separate else None  # the reduced gradient shard, on the CPU in fp32
+        # Separate: the reduced gradient and the master go through the host side, tile by tile.
+        self._offload = Offload(self._own, tile_numel, [span.start for _, span in self._spans]) if separate else None
         self._steps = 0
         self._reduced: Tensor | None = None  # this step's averaged gradient shard, once reduce-scattered
         self._pending: Future | None = None  # delay_update: the CPU step in flight
@@ -105,21 +106,25 @@ class ZeroOffloadOptimizer(torch.optim.Optimizer):
                 loss = closure()
         grad = self._reduce()
         self._wait()  # delay_update: the previous CPU step is done with the CPU buffers
-        if self._grad_buf is not None:
-            grad = self._grad_buf.copy_(grad)
         master = self._master_shard()
         self._steps += 1
         # The hyperparameters are read now: a scheduler may change lr while a delayed step still runs.
         hyper = [(span, dict(self.param_groups[g])) for g, span in self._spans]
         self._reduced = None
-        if self._worker is None:
-            self._cpu_step(master, grad, self._steps, hyper)
+        offload, steps = self._offload, self._steps
+        if offload is None:  # fp32 on the CPU: the reduced shard is the gradient, the owned shard the master
+            self._cpu_step(master, grad, steps, hyper)
             self._unpublished = True
+        elif self._worker is None:  # down, step, up, tile by tile; the owned shard is then this step's
+            offload.step(grad, master, lambda tile: self._cpu_step(master, offload.grad, steps, hyper, tile))
+            self._allgather()
+        else:
+            offload.download(grad)  # the CPU step takes it from there while the next step computes
         self._flat_grad.zero_()  # the reduce-scatter left scratch there; the next backward adds to zeros
         self._dirty.clear()
-        self._publish()  # this step's weights; delay_update: the previous step's
+        self._publish()  # delay_update: the previous step's weights
         if self._worker is not None:
-            self._pending = self._worker.submit(self._cpu_step, master, grad, self._steps, hyper)
+            self._pending = self._worker.submit(self._cpu_step, master, offload.grad, steps, hyper)
             self._unpublished = True
         return loss
 
@@ -179,9 +184,9 @@ class ZeroOffloadOptimizer(torch.optim.Optimizer):
         names = {"exp_avg": self._exp_avg, "exp_avg_sq": self._exp_avg_sq}
         if self._flat.dtype != torch.float32:
             names["master"] = self._master_shard()
+        # Through the communicator's device (NCCL's GPU, else the CPU): every rank briefly holds the whole.
         full = {
-            name: gather(self.comm, self.layout, shard.to(self._flat.device), self.algorithm)
-            for name, shard in names.items()
+            name: gather(self.comm, self.layout, s.to(self.comm.device), self.algorithm) for name, s in names.items()
         }
         if self.comm.rank != 0:
             return None
@@ -207,9 +212,9 @@ class ZeroOffloadOptimizer(torch.optim.Optimizer):
 
     def state_nbytes(self) -> int:
         """Bytes of optimizer state this rank holds on the CPU: moments, separate master, staging buffers."""
-        tensors = [self._exp_avg, self._exp_avg_sq, self._grad_buf]
-        tensors.append(self._master if self._master is not self._own else None)
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        tensors = [self._exp_avg, self._exp_avg_sq, self._master if self._master is not self._own else None]
+        staging = self._offload.nbytes() if self._offload is not None else 0
+        return staging + sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     # The steps of a step.
 
@@ -230,20 +235,21 @@ class ZeroOffloadOptimizer(torch.optim.Optimizer):
             self._reduced = self.comm.reduce_scatter(self._flat_grad, op="avg", algorithm=self.algorithm)
         return self._reduced
 
-    def _cpu_step(self, master: Tensor, grad: Tensor, step: int, hyper: list[tuple[slice, dict]]) -> None:
-        for span, group in hyper:
-            (beta1, beta2), args = group["betas"], {k: group[k] for k in ("lr", "eps", "weight_decay")}
-            moments = self._exp_avg[span], self._exp_avg_sq[span]
-            adam_step_(
-                master[span], grad[span], *moments, step=step, beta1=beta1, beta2=beta2, adamw=self.adamw, **args
-            )
+    def _cpu_step(
+        self, master: Tensor, grad: Tensor, step: int, hyper: list[tuple[slice, dict]], tile: slice = slice(0, None)
+    ) -> None:
+        adam_groups_(master, grad, self._exp_avg, self._exp_avg_sq, step=step, hyper=hyper, adamw=self.adamw, tile=tile)
 
     def _publish(self) -> None:
-        """Allgather the owned shards into the parameters, so every rank holds the updated model."""
+        """Bring the master to the parameters (in their dtype, onto their device) and allgather the shards."""
         if not self._unpublished:
             return
-        if self._master is not self._own:
-            self._own.copy_(self._master)  # round to the parameters' dtype (nearest even), onto their device
+        if self._offload is not None:
+            self._offload.upload(self._master)
+        self._allgather()
+
+    def _allgather(self) -> None:
+        """Every rank's owned shard into the flat parameters, so every rank holds the updated model."""
         self.comm.allgather(self._own, out=self._flat, algorithm=self.algorithm)
         self._unpublished = False
 
@@ -254,7 +260,8 @@ class ZeroOffloadOptimizer(torch.optim.Optimizer):
 
     def _master_shard(self) -> Tensor:
         if self._master is None:  # taken from the parameters at first use, so weights loaded after __init__ count
-            self._master = self._host().copy_(self._own)
+            pinned = self._own.is_cuda  # the master is an upload's source
+            self._master = torch.zeros(self._own.numel(), pin_memory=pinned).copy_(self._own)
         return self._master
 
     # Checkpoints.

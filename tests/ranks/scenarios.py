@@ -42,6 +42,23 @@ def dtype_mismatch(comm: distrib.Communicator) -> None:
         print(f"rank {comm.rank} caught: {error}", flush=True)
 
 
+class _TwoHeads(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor, use_b: bool) -> torch.Tensor:
+        return self.a(x) + (self.b(x) if use_b else 0)
+
+
+def ddp_unused_on_one_rank(comm: distrib.Communicator) -> None:
+    """Rank 1 leaves a parameter out of its loss: its next forward raises torch's error and the job goes down; the
+    other ranks, waiting for that parameter's bucket, do not wait out their timeout."""
+    model = distrib.DistributedDataParallel(_TwoHeads())
+    for _ in range(2):
+        model(torch.ones(1, 2), comm.rank != 1).sum().backward()
+
+
 if __name__ == "__main__":
     name, backend = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else None)
     communicator = distrib.init(backend, timeout=float(sys.argv[3]) if len(sys.argv) > 3 else 60)
