@@ -215,18 +215,19 @@ def test_shaped_benchmark_runs_on_namespace_hosts(tmp_path):
 
 @pytest.mark.heavy
 def test_diloco_benchmark_runs_on_namespace_hosts(tmp_path):
-    """A smoke run: one width, one epoch of 100 steps, every variant once; a curve for each (DDP validated every
-    10 steps, DiLoCo at each sync), and a plot."""
+    """A smoke run: classify at its own width for one epoch of 100 steps, every variant once; a curve for each (DDP
+    validated every 10 steps, DiLoCo at each sync), and a plot."""
+    from benchmarks import diloco
     from tests import netns
 
     if (reason := netns.unavailable(shaped=True)) is not None:
         pytest.skip(reason)
     out, figure = tmp_path / "diloco.json", tmp_path / "diloco.png"
-    args = ["-m", "benchmarks.diloco", "--widths", "128", "--epochs", "1", "--repeats", "1"]
+    args = ["-m", "benchmarks.diloco", "--settings", "classify-128", "--repeats", "1", "--epochs", "1"]
     result = run([sys.executable, *args, "--json", str(out), "--plot", str(figure)], timeout=400)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     data = json.loads(out.read_text())
-    assert [r["variant"] for r in data["runs"]] == ["ddp", "diloco-h10", "diloco-h50"]
+    assert [r["variant"] for r in data["runs"]] == list(diloco.VARIANTS)
     assert [len(r["curve"]) for r in data["runs"]] == [10, 10, 2] and {r["steps"] for r in data["runs"]} == {100}
     by = {r["variant"]: r["bytes_per_step"] for r in data["summary"] if r["target"] == 0.2}
     assert by["ddp"] > 9 * by["diloco-h10"] > 4 * by["diloco-h50"]  # a sync every 10 or 50 steps instead of each
