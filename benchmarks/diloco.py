@@ -4,11 +4,11 @@
         [--repeats 2] [--json FILE] [--plot FILE.png]
 
 Settings (SETTINGS): `lm`, the lm task as it comes (a 0.45M-parameter byte-level GPT on the standard library's
-source, windows of 128 bytes, 32 a global batch, Adam at lr 2e-3), measured in validation bits per byte; and
-`classify-W`, the default task's data (12,800 training points, 100 global batches of 128 an epoch) with its MLP at
-W hidden units (128 as the task builds it: 18K parameters; 1024: 1.1M), Adam at lr 3e-3, in validation loss.
-DDP averages gradients every step; DiLoCo runs H steps of the same optimizer on each rank, then the outer
-Nesterov SGD (lr 0.7, momentum 0.9) on the averaged deltas. No schedule: the learning rates stay constant.
+source, windows of 128 bytes, 32 a global batch, 8 epochs of 128 steps, Adam at lr 2e-3), in validation bits per
+byte; and `classify-W`, the default task's data (12,800 training points, 100 global batches of 128 an epoch) with
+its MLP at W hidden units (128 as the task builds it: 18K parameters; 1024: 1.1M), Adam at lr 3e-3, 6 epochs, in
+validation loss. DDP averages gradients every step; DiLoCo runs H steps of the same optimizer on each rank, then
+the outer Nesterov SGD (lr 0.7, momentum 0.9) on the averaged deltas. No schedule: the learning rates stay constant.
 Validation (not timed) is of the one model the ranks share: every few steps for DDP, after each sync for DiLoCo.
 Runs are interleaved: every setting and variant once, then again. Bytes per step: what a rank sends by the
 analysis (a ring sends 2(n-1)/n of the tensor), and what host 0's link carried, measured.
@@ -51,7 +51,7 @@ class Setting:
 
 
 SETTINGS = {
-    "lm": Setting("lm", 32, 2e-3, 4, 16, "val_bits_per_byte", (3.5, 3.0)),
+    "lm": Setting("lm", 32, 2e-3, 8, 16, "val_bits_per_byte", (3.5, 3.0)),
     "classify-128": Setting("classify", 128, 3e-3, 6, 10, "val_loss", (0.2, 0.1), width=128),
     "classify-1024": Setting("classify", 128, 3e-3, 6, 10, "val_loss", (0.2, 0.1), width=1024),
 }

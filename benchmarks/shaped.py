@@ -92,8 +92,8 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
         ax.set_xticks(sizes, [human_bytes(s) for s in sizes], rotation=45)
         ax.set(title=f"{layout} (hosts x ranks)", xlabel="bytes per rank")
         ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6)
     axes[0][0].set_ylabel("busbw (GB/s), median")
-    axes[0][-1].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     save_figure(fig, path)
 
