@@ -12,6 +12,7 @@ from typing import NoReturn
 from distrib import tasks
 from distrib.cli.optim import OPTIMIZERS, SCHEDULES
 from distrib.comm import ALGORITHMS
+from distrib.comm.contract import check_timeout, env_timeout
 from distrib.env import LaunchError, read_world
 from distrib.process import BACKENDS
 from distrib.steps import ON_NAN
@@ -49,6 +50,13 @@ def _positive(kind: type):
     return parse
 
 
+def _deadline(text: str) -> float:
+    try:
+        return check_timeout(text, "{!r}")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -75,7 +83,7 @@ def parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_non_negative_int, default=0)
     p.add_argument("--backend", choices=BACKENDS, default=None, help="default: from the launcher")
     p.add_argument("--allreduce", choices=ALGORITHMS, default="native", help="the gradient allreduce")
-    p.add_argument("--timeout", type=_positive(float), default=None, help="seconds a collective waits for a peer")
+    p.add_argument("--timeout", type=_deadline, default=None, help="seconds a collective waits for a peer")
     p.add_argument("--zero-offload", action="store_true", help="ZeRO-Offload: sharded Adam(W) steps on the CPU")
     p.add_argument("--data", type=Path, default=None, help="(inputs, labels) saved by torch.save, for --task classify")
     p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/TASK-TIME)")
@@ -104,6 +112,11 @@ def parse(argv: list[str] | None, description: str | None = None) -> tuple[argpa
         with_task = parser(description)
         with_task.set_defaults(**defaults)
         args = with_task.parse_args(argv)
+    if args.timeout is None:
+        try:  # said here, as one line, rather than where the communicator starts
+            env_timeout()
+        except ValueError as error:
+            fail(str(error))
     if args.resume is True and args.out is None:
         fail("argument --resume: name the run to continue, as --out RUN_DIR or --resume RUN_DIR")
     if args.tensorboard is not None and importlib.util.find_spec("tensorboard") is None:

@@ -1,27 +1,27 @@
 """The Communicator: rank, size, point-to-point, and the collectives the rest of distrib is written against.
 
 A transport (transport.py) implements point-to-point calls and the library's own ("native") collectives. Everything
-else lives here once: argument checks, the cross-rank shape check, staging of tensors a transport cannot touch
-directly, the algorithm looked up in algorithms.TABLE, and asynchronous handles from the engine thread.
+else lives here once: argument checks, staging of tensors a transport cannot touch directly, the algorithm looked up
+in algorithms.TABLE, asynchronous handles from the engine thread, and around every collective the flight recorder
+(flight.py: each call numbered and recorded where peers can read it), the check that every rank makes the same call
+(verify.py), and the report of a wait that times out (stuck.py).
 """
 
 from __future__ import annotations
 
-import os
 import pickle
 import time
-import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
-from distrib.comm.algorithms import ALGORITHMS, TABLE, naive_allgather_
-from distrib.comm.contract import CollectiveError, check_tensor, env_timeout
+from distrib.comm import stuck, verify
+from distrib.comm.algorithms import ALGORITHMS, TABLE
+from distrib.comm.contract import CollectiveTimeout, check_tensor, check_timeout, env_timeout
 from distrib.comm.engine import Engine, Handle, observed
+from distrib.comm.flight import MASK, Board, describe, fingerprint, open_board
 from distrib.comm.transport import Transport
-
-VERIFY_CALLS = 8  # the first collectives of each communicator check shapes across ranks (DISTRIB_VERIFY=all: every one)
 
 
 class Communicator(Transport):
@@ -31,12 +31,14 @@ class Communicator(Transport):
     def __init__(self, rank: int, size: int, *, timeout: float | None = None, algorithm: str = "native") -> None:
         self.rank = rank
         self.size = size
-        self.timeout = env_timeout() if timeout is None else float(timeout)
-        if self.timeout <= 0:
-            raise ValueError(f"timeout must be positive seconds, got {timeout}")
+        self.timeout = (
+            env_timeout() if timeout is None else check_timeout(timeout, f"{type(self).__name__}(timeout={{!r}})")
+        )
         self.algorithm = self.check_algorithm(algorithm)
         self.device = torch.device("cpu")  # where object collectives stage their bytes
-        self._verify_left = -1 if os.environ.get("DISTRIB_VERIFY") == "all" else VERIFY_CALLS
+        self.verify = verify.mode_from_env()  # the check that ranks make the same call: verify.MODES
+        self._seq = 0  # the number of the collective this rank entered last
+        self._board: Board | None = None  # the flight recorder, once the transport can carry open_flight's traffic
         self._engine = Engine(f"distrib-{self.backend}-rank{rank}")
         # Called as observer(name, queued_ns, started_ns, finished_ns, info) after every collective, on the thread
         # that ran it; distrib.trace sets it while recording.
@@ -79,7 +81,6 @@ class Communicator(Transport):
         algorithm = self.check_algorithm(algorithm or self.algorithm)
 
         def job() -> torch.Tensor:
-            self._verify("allreduce", t, op, algorithm)
             if self.size == 1 or t.numel() == 0:
                 return t
             work = self._staged(t)
@@ -92,7 +93,7 @@ class Communicator(Transport):
             return t
 
         nbytes = t.numel() * t.element_size()
-        return self._run(job, async_op, "allreduce", label, op=op, algorithm=algorithm, bytes=nbytes)
+        return self._run(job, async_op, "allreduce", label, t, op=op, algorithm=algorithm, bytes=nbytes)
 
     def reduce_scatter(
         self,
@@ -116,7 +117,6 @@ class Communicator(Transport):
             )
 
         def job() -> torch.Tensor:
-            self._verify("reduce_scatter", t, op, algorithm)
             if self.size == 1:
                 return t
             work = self._staged(t)
@@ -126,7 +126,7 @@ class Communicator(Transport):
             return shard.view(t.shape[0] // self.size, *t.shape[1:]).to(t.device)
 
         nbytes = t.numel() * t.element_size()
-        return self._run(job, async_op, "reduce_scatter", label, op=op, algorithm=algorithm, bytes=nbytes)
+        return self._run(job, async_op, "reduce_scatter", label, t, op=op, algorithm=algorithm, bytes=nbytes)
 
     def allgather(
         self,
@@ -150,7 +150,6 @@ class Communicator(Transport):
             )
 
         def job() -> torch.Tensor:
-            self._verify("allgather", t, "", algorithm)
             work = self._staged(out, copy_in=False)
             flat = work.view(-1)
             part = t.numel()
@@ -164,7 +163,7 @@ class Communicator(Transport):
             return out
 
         nbytes = out.numel() * out.element_size()
-        return self._run(job, async_op, "allgather", label, algorithm=algorithm, bytes=nbytes)
+        return self._run(job, async_op, "allgather", label, t, algorithm=algorithm, bytes=nbytes)
 
     def broadcast(
         self, t: torch.Tensor, root: int = 0, async_op: bool = False, *, label: Mapping[str, Any] | None = None
@@ -175,7 +174,6 @@ class Communicator(Transport):
             raise ValueError(f"broadcast root {root} is not a rank of a world of size {self.size}")
 
         def job() -> torch.Tensor:
-            self._verify("broadcast", t, str(root), "native")
             if self.size == 1 or t.numel() == 0:
                 return t
             work = self._staged(t, copy_in=self.rank == root)
@@ -184,7 +182,8 @@ class Communicator(Transport):
                 t.copy_(work)
             return t
 
-        return self._run(job, async_op, "broadcast", label, root=root, bytes=t.numel() * t.element_size())
+        nbytes = t.numel() * t.element_size()
+        return self._run(job, async_op, "broadcast", label, t, op=f"root {root}", root=root, bytes=nbytes)
 
     def barrier(self, async_op: bool = False) -> None | Handle:
         """Return once every rank has called barrier (or raise CollectiveTimeout)."""
@@ -211,9 +210,23 @@ class Communicator(Transport):
             raise ValueError(f"algorithm 'shm' {why}; use 'ring' or 'native'")
         return algorithm
 
+    def open_flight(self) -> None:
+        """Start the flight recorder: collective, the last step of a transport's __init__ (verify.py, flight.py)."""
+        if self.size > 1:
+            self._board = open_board(self)
+            self._seq = 0  # on every rank: the user's first collective is call #1
+
     def _run(
-        self, job: Callable[[], Any], async_op: bool, name: str, label: Mapping[str, Any] | None = None, **info: Any
+        self,
+        job: Callable[[], Any],
+        async_op: bool,
+        name: str,
+        label: Mapping[str, Any] | None = None,
+        t: torch.Tensor | None = None,
+        **info: Any,
     ) -> Any:
+        if self.size > 1:
+            job = self._numbered(job, name, label, t, info.get("op", ""), info.get("algorithm", ""))
         if self.observer is not None:
             job = observed(job, self.observer, name, {**info, **(label or {})})
         if async_op:
@@ -225,6 +238,43 @@ class Communicator(Transport):
             finally:
                 self._engine.blocked_ns += time.perf_counter_ns() - start
         return self._engine.submit(job).wait()  # queued behind earlier async work, to keep the order
+
+    def _numbered(
+        self, job: Callable[[], Any], name: str, label: Mapping[str, Any] | None, t: torch.Tensor | None, op: str,
+        algorithm: str,
+    ) -> Callable[[], Any]:  # fmt: skip
+        """`job` as collective number _seq + 1 (counted when it starts): on the board as it starts and ends, and
+        checked first (verify.py). Runs on every call, so it costs a few stores where nothing is wrong."""
+        board = self._board
+        key = name if t is None else (name, op, algorithm, t.dtype, t.shape, tuple(label.items()) if label else None)
+
+        def run() -> Any:
+            seq = self._seq = self._seq + 1
+            if board is None:  # no board here: the check goes by messages
+                word = fingerprint(describe(name, t, op, algorithm, label)[0]) << 32 | seq & MASK
+            else:
+                word = board.enter(seq, key, name, t, op, algorithm, label)
+            if self.verify == "fingerprint":
+                if board is None or not board.agreed(seq, word):
+                    verify.agree(self, seq, word >> 32, name, (name, t, op, algorithm, label))
+            elif self.verify == "all":
+                verify.compare_all(self, seq, describe(name, t, op, algorithm, label)[0])
+            result = job()
+            if board is not None:
+                board.done(seq)
+            return result
+
+        return run
+
+    def _timeout(self, what: str, missing: list[int]) -> CollectiveTimeout:
+        return stuck.report(self, what, missing)  # the flight recorder's account of who is where
+
+    def _plain_timeout(self, what: str, missing: list[int]) -> CollectiveTimeout:
+        return super()._timeout(what, missing)
+
+    def _close_flight(self) -> None:
+        if self._board is not None:
+            self._board.close()
 
     def _allgather_object(self, obj: Any) -> list[Any]:
         if self.size == 1:
@@ -242,20 +292,3 @@ class Communicator(Transport):
             pickle.loads(everyone[r * width : r * width + int(n)].numpy().tobytes())
             for r, n in enumerate(lengths.tolist())
         ]
-
-    def _verify(self, name: str, t: torch.Tensor, op: str, algorithm: str) -> None:
-        """Check that every rank calls the same collective on the same shape and dtype, else fail on all."""
-        if self._verify_left == 0 or self.size == 1:
-            return
-        if self._verify_left > 0:
-            self._verify_left -= 1
-        desc = f"{name}(op={op!r}, algorithm={algorithm!r}) on {t.dtype} {tuple(t.shape)}"
-        prints = torch.zeros(self.size, dtype=torch.int64, device=self.device)
-        prints[self.rank] = zlib.crc32(desc.encode())
-        # Through rank 0, point to point: a rank that never arrives is named in the timeout.
-        naive_allgather_(self, self._array(prints), f"{name}: cross-rank check")
-        if bool((prints == prints[0]).all()):
-            return
-        descs = self._allgather_object(desc)
-        lines = "; ".join(f"rank {r}: {d}" for r, d in enumerate(descs))
-        raise CollectiveError(f"collective calls differ across ranks ({lines}); every rank must call the same")

@@ -48,7 +48,7 @@ class TorchCommunicator(Communicator):
         """Meet the other ranks at `store`, or else at rank 0's `master` (host, port) as torch's tcp:// does
         (under torchrun, through its agent's store); a world of one needs neither."""
         self.backend = backend
-        super().__init__(rank, size, timeout=timeout, algorithm=algorithm)
+        super().__init__(rank, size, timeout=timeout, algorithm=algorithm)  # checks the timeout before torch sees it
         if backend == "nccl":
             self.device = torch.device("cuda", local_rank)
             self.devices = ("cuda",)
@@ -70,6 +70,7 @@ class TorchCommunicator(Communicator):
                 f"torch.distributed is already initialised as rank {dist.get_rank()} of "
                 f"{dist.get_world_size()}, but this process is rank {rank} of {size}"
             )
+        self.open_flight()
 
     def post(
         self, sends: Sequence[tuple[torch.Tensor, int]] = (), recvs: Sequence[tuple[torch.Tensor, int]] = ()
@@ -118,6 +119,7 @@ class TorchCommunicator(Communicator):
         self._native_allreduce(token, "sum")  # an allreduce, because gloo's barrier ignores wait timeouts
 
     def close(self) -> None:
+        self._close_flight()
         if not dist.is_initialized():
             return
         dist.destroy_process_group()

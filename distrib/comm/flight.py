@@ -1,0 +1,269 @@
+"""The flight recorder: where each rank is in the sequence of collectives, readable by the others without its help.
+
+Every rank owns a slot, a small file under /dev/shm that the other ranks of its host map: the number and
+fingerprint of the collective it entered last, the number of the one it finished last, when, what they were (a
+ring of descriptions, each written once), and a heartbeat from a thread of its own. Recording a call costs a few
+memory stores and no message; reading a slot needs nothing from its owner, so a rank that stopped, hangs or died
+is still seen where it was. The same thread answers a peer's request for its main thread's Python stack.
+verify.py reads the fingerprints to check that ranks make the same call; stuck.py reads the rest when a wait
+times out.
+"""
+
+from __future__ import annotations
+
+import atexit
+import mmap
+import os
+import secrets
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import weakref
+import zlib
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any
+
+# Slot layout: HEADER int64 words, then NAMES descriptions of NAME_BYTES, then the stack text.
+HEADER = 64
+MAGIC, PID, DONE, T_ENTERED, T_DONE, HEARTBEAT, CLOSED, ASK, SERVED, STACK_LEN = range(10)
+RING_AT, RING = 16, 8  # words 16..23: fp << 32 | seq & MASK of the last RING calls entered, by seq % RING
+NAMED_AT = RING_AT + RING  # words 24..31: the description id of each of those calls
+MASK = 0xFFFFFFFF
+NAMES, NAME_BYTES = 256, 128  # a description: its id (8 bytes), its length (2), its text
+NAMES_AT = HEADER * 8
+STACK_AT = NAMES_AT + NAMES * NAME_BYTES
+STACK_BYTES, STACK_FRAMES = 16384, 16
+SLOT_BYTES = STACK_AT + STACK_BYTES
+TICK = 0.2  # seconds between heartbeats, and between looks for a peer's request for our stack
+FOLDER = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+_OPEN: weakref.WeakSet[Board] = weakref.WeakSet()  # closed at exit, so peers read "finished", not "silent"
+
+
+@dataclass(frozen=True)
+class Seen:
+    """One rank's slot as read at one moment; times in seconds since the epoch (0: never)."""
+
+    rank: int
+    pid: int
+    entered: int  # number of the last collective entered (0: none yet)
+    done: int  # number of the last one finished
+    entered_at: float
+    done_at: float
+    heartbeat: float
+    closed: float
+    current: str  # the description of call `entered`
+
+
+class Board:
+    """This rank's slot, written by its collectives, and read-only views of the slots of the ranks on its host."""
+
+    def __init__(self, rank: int, slots: list[mmap.mmap | None], whole: bool) -> None:
+        self.rank, self.whole = rank, whole
+        self._slots = slots
+        self._words = [memoryview(s)[: HEADER * 8].cast("q") if s is not None else None for s in slots]
+        self._me = self._words[rank]
+        self.visible = [r for r, w in enumerate(self._words) if w is not None]
+        self.peers = [r for r in self.visible if r != rank]
+        self._peer_words = [self._words[r] for r in self.peers]
+        self.crowded = len(self.visible) > len(_cores())
+        self._names: dict[Hashable, tuple[int, int]] = {}  # call key -> (fingerprint, description id)
+        self._named = 0
+        self._owner = os.getpid()
+        self._stop = threading.Event()
+        self._me[HEARTBEAT] = time.time_ns()
+        threading.Thread(target=self._beat, name=f"distrib-flight-rank{rank}", daemon=True).start()
+        _OPEN.add(self)
+
+    # Writing this rank's slot: each collective's start and end.
+
+    def enter(self, seq: int, key: Hashable, name: str, t: Any, op: str, algorithm: str, label: Any) -> int:
+        """Record that this rank entered collective `seq`; returns the word its peers must have written for it
+        (fp << 32 | seq) if they make the same call. The call is described (`describe`) the first time its key is
+        seen only: every call costs these few stores."""
+        known = self._names.get(key)
+        if known is None or self._named - known[1] > NAMES:  # never seen, or its description overwritten since
+            known = self._names[key] = self._name(*describe(name, t, op, algorithm, label))
+        word = known[0] << 32 | seq & MASK
+        me, at = self._me, seq % RING
+        me[NAMED_AT + at] = known[1]  # before the word: a peer that sees the word sees its description
+        me[RING_AT + at] = word
+        me[T_ENTERED] = time.time_ns()
+        return word
+
+    def done(self, seq: int) -> None:
+        self._me[T_DONE] = time.time_ns()
+        self._me[DONE] = seq
+
+    def arrived(self, seq: int) -> bool:
+        """Whether every rank has entered call `seq`."""
+        at, low = RING_AT + seq % RING, seq & MASK
+        for words in self._peer_words:
+            if words[at] & MASK != low:
+                return False
+        return True
+
+    def agreed(self, seq: int, word: int) -> bool:
+        """Whether every rank has entered call `seq` already, with the same fingerprint: the check's fast path."""
+        at = RING_AT + seq % RING
+        for words in self._peer_words:
+            if words[at] != word:
+                return False
+        return True
+
+    def _name(self, signature: str, label: str) -> tuple[int, int]:
+        text = f"{signature}, {label}" if label else signature
+        data = text.encode()[: NAME_BYTES - 10]
+        at = NAMES_AT + (self._named % NAMES) * NAME_BYTES
+        slot = self._slots[self.rank]
+        slot[at : at + 10 + len(data)] = self._named.to_bytes(8, "little") + len(data).to_bytes(2, "little") + data
+        self._named += 1
+        return fingerprint(signature), self._named - 1
+
+    def close(self) -> None:
+        """Say this rank is done with the communicator; peers then read "finished" where they would wait."""
+        if os.getpid() == self._owner and not self._stop.is_set():  # not a forked child's exit
+            self._me[CLOSED] = time.time_ns()
+            self._stop.set()
+
+    # Reading any visible slot.
+
+    def fingerprint(self, rank: int, seq: int) -> int | None:
+        """The fingerprint `rank` entered collective `seq` with; None while it has not (yet)."""
+        word = self._words[rank][RING_AT + seq % RING]
+        return word >> 32 if word & MASK == seq & MASK else None
+
+    def seen(self, rank: int) -> Seen | None:
+        """`rank`'s slot now; None for a rank on another host."""
+        w = self._words[rank]
+        if w is None:
+            return None
+        ring = [w[RING_AT + i] & MASK for i in range(RING)]
+        at = max(range(RING), key=ring.__getitem__)
+        current = self.description(rank, w[NAMED_AT + at]) if ring[at] else ""
+        times = [w[i] / 1e9 for i in (T_ENTERED, T_DONE, HEARTBEAT, CLOSED)]
+        return Seen(rank, w[PID], ring[at], w[DONE], *times, current)
+
+    def call(self, rank: int, seq: int) -> str:
+        """What `rank` entered as collective `seq` ("" if it has not, or that is too long ago to tell)."""
+        w, at = self._words[rank], seq % RING
+        return self.description(rank, w[NAMED_AT + at]) if w[RING_AT + at] & MASK == seq & MASK else ""
+
+    def description(self, rank: int, name: int) -> str:
+        at = NAMES_AT + (name % NAMES) * NAME_BYTES
+        entry = self._slots[rank][at : at + NAME_BYTES]
+        if int.from_bytes(entry[:8], "little") != name:
+            return "(its description is overwritten)"
+        return entry[10 : 10 + int.from_bytes(entry[8:10], "little")].decode(errors="replace")
+
+    def ask_stacks(self) -> int:
+        """Ask every rank's recorder thread for its main thread's stack; returns the request's stamp."""
+        self._me[ASK] = stamp = time.time_ns()
+        return stamp
+
+    def stack(self, rank: int, stamp: int) -> str | None:
+        """`rank`'s stack, if it has answered the request `stamp`."""
+        w = self._words[rank]
+        if w[SERVED] < stamp:
+            return None
+        return self._slots[rank][STACK_AT : STACK_AT + w[STACK_LEN]].decode(errors="replace")
+
+    # The recorder thread: a heartbeat, and this rank's stack for whoever asks.
+
+    def _beat(self) -> None:
+        me, main = self._me, threading.main_thread()
+        while not self._stop.wait(TICK):
+            me[HEARTBEAT] = time.time_ns()
+            asked = max((self._words[r][ASK] for r in self.peers), default=0)
+            if asked > me[SERVED]:
+                frame = sys._current_frames().get(main.ident)
+                text = "".join(traceback.format_stack(frame)[-STACK_FRAMES:]) if frame else "(no main thread)\n"
+                data = text.encode()[-STACK_BYTES:]
+                self._slots[self.rank][STACK_AT : STACK_AT + len(data)] = data
+                me[STACK_LEN] = len(data)
+                me[SERVED] = asked
+
+
+def describe(name: str, t: Any, op: str, algorithm: str, label: Any) -> tuple[str, str]:
+    """(what a call is, as ranks must agree on it; its label, which they need not agree on)."""
+    signature = name
+    if t is not None:
+        dtype = str(t.dtype).removeprefix("torch.")
+        signature = f"{name}(op={op!r}, algorithm={algorithm!r}) on {dtype} {tuple(t.shape)}"
+    return signature, ", ".join(f"{k} {v}" for k, v in label.items()) if label else ""
+
+
+def fingerprint(signature: str) -> int:
+    """A 31-bit CRC of what a call is: equal on every rank that makes the same call."""
+    return zlib.crc32(signature.encode()) & 0x7FFFFFFF
+
+
+def open_board(comm: Any) -> Board | None:
+    """Collective over `comm` (its object collectives): each rank makes its slot and maps the slots it can reach.
+
+    None where this rank's slot cannot be made. `whole` when every rank sees every slot (one host). A slot's file
+    is removed once every rank has mapped it, so a job that dies leaves nothing in /dev/shm.
+    """
+    token = comm.broadcast_object(secrets.token_hex(8) if comm.rank == 0 else None)
+    path = os.path.join(FOLDER, f"distrib-{token}-{comm.rank}")
+    nonce = secrets.randbits(62)
+    mine = _create(path, nonce)
+    places = comm.allgather_object((path, nonce if mine is not None else 0))
+    slots = [mine if r == comm.rank else _attach(p, n) for r, (p, n) in enumerate(places)]
+    seen = comm.allgather_object([slot is not None for slot in slots])
+    if mine is None:
+        return None
+    os.unlink(path)
+    return Board(comm.rank, slots, whole=all(all(row) for row in seen))
+
+
+def _create(path: str, nonce: int) -> mmap.mmap | None:
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    except OSError:
+        return None
+    try:
+        os.ftruncate(fd, SLOT_BYTES)
+        slot = mmap.mmap(fd, SLOT_BYTES)
+    except OSError:
+        os.unlink(path)
+        return None
+    finally:
+        os.close(fd)
+    words = memoryview(slot)[: HEADER * 8].cast("q")
+    words[MAGIC], words[PID] = nonce, os.getpid()
+    words.release()
+    return slot
+
+
+def _attach(path: str, nonce: int) -> mmap.mmap | None:
+    """A peer's slot, read-only, if it is on this host (its file is here and holds its nonce)."""
+    if not nonce:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        slot = mmap.mmap(fd, SLOT_BYTES, prot=mmap.PROT_READ) if os.fstat(fd).st_size == SLOT_BYTES else None
+    finally:
+        os.close(fd)
+    if slot is not None and int.from_bytes(slot[:8], "little", signed=True) != nonce:
+        slot.close()
+        return None
+    return slot
+
+
+def _cores() -> set[int]:
+    affinity = getattr(os, "sched_getaffinity", None)
+    return set(affinity(0)) if affinity else set(range(os.cpu_count() or 1))
+
+
+def _close_all() -> None:
+    for board in list(_OPEN):
+        board.close()
+
+
+atexit.register(_close_all)  # Python's exit handlers run before MPI_Finalize (mpi4py's is a C-level one)
