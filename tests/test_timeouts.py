@@ -93,3 +93,13 @@ def test_a_job_configured_with_inf_cannot_be_hung_by_a_stopped_rank(backend):
         assert f"ValueError: DISTRIB_TIMEOUT={value!r} {REFUSED}" in text, text[-3000:]
         assert "cannot convert" not in text and "rank 1 caught" not in text
     assert time.monotonic() - start < 45
+
+
+def test_the_cli_refuses_them_once_on_every_rank():
+    """Under mpiexec, `--timeout inf` and DISTRIB_TIMEOUT=nan with gloo: exit 2 and the one line, said once."""
+    for args, env, line in [
+        (["--timeout", "inf"], {}, f"argument --timeout: 'inf' {REFUSED}"),
+        (["--backend", "gloo"], {"DISTRIB_TIMEOUT": "nan"}, f"DISTRIB_TIMEOUT='nan' {REFUSED}"),
+    ]:
+        result = run_ranks("mpiexec", 2, ["-m", "distrib.train", *args], timeout=60, env=env)
+        assert result.returncode == 2 and result.stderr.strip().splitlines() == [ERROR + line], result.stderr
