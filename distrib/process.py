@@ -30,7 +30,7 @@ from distrib.comm.contract import check_timeout, env_timeout
 from distrib.env import LaunchError, World, read_world
 
 BACKENDS = ("mpi", "gloo", "nccl", "local")
-CULPRIT_FIRST = 1.0  # seconds torchrun gets to see a stuck rank ended (it looks every 0.1 s) before a healthy one
+CULPRIT_FIRST = 1.0  # seconds before ending a stuck rank, and after: torchrun looks every 0.1 s
 TORCH_PORT = 29500  # torch's default MASTER_PORT (and torchrun's --master-port), when the launcher sets none
 
 
@@ -160,7 +160,11 @@ def _take_job_down_on_failure(world: World) -> None:
 
 
 def _end_first(pids: tuple[int, ...]) -> None:
-    """SIGKILL the stuck ranks of this host, then give torchrun time to see them go before this rank does."""
+    """SIGKILL the stuck ranks of this host, then give torchrun time to see them go before this rank does.
+
+    A pause first, for the other survivors to write their reports while the stuck ranks are as they were."""
+    if pids:
+        time.sleep(CULPRIT_FIRST)
     for pid in pids:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import re
+import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from tests.launching import run_ranks
+from tests.launching import MPIEXEC, ROOT, TORCHRUN, run, run_ranks
 
 SCENARIOS = "tests/ranks/scenarios.py"
 LAUNCHES = [("mpiexec", "mpi"), ("mpiexec", "gloo"), ("torchrun", "gloo")]
@@ -119,3 +124,67 @@ def test_uneven_step_counts_say_a_rank_finished(launcher, backend, algorithm):
     assert "(call #11): rank 0 stops waiting for rank(s) [1]: rank 1 finished: it closed its communicator after call" \
         " #10" in report, report  # fmt: skip
     assert "step 11 for" in report and "step 10 ended" in report and "DISTRIB_TIMEOUT" not in report, report
+
+
+def two_hosts(launcher: str, args: list[str], folders: list[Path], timeout: float) -> str:
+    """Ranks 0-1 on one "host", rank 2 (mpiexec) or ranks 2-3 (torchrun) on another: one machine, but each host's
+    flight recorder slots in its own folder (DISTRIB_FLIGHT_DIR), so neither sees the other's: only the store does.
+    Returns everything the job printed."""
+    if launcher == "mpiexec":  # MPMD: the same program, another environment for the last rank
+        part = [sys.executable, SCENARIOS, *args]
+        cmd = [MPIEXEC, "-n", "2", "-env", "DISTRIB_FLIGHT_DIR", str(folders[0]), *part]
+        cmd += [":", "-n", "1", "-env", "DISTRIB_FLIGHT_DIR", str(folders[1]), *part]
+        result = run(cmd, timeout)
+        return result.stdout + result.stderr
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    agents = [
+        subprocess.Popen(
+            [
+                TORCHRUN,
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(h),
+                "--nproc-per-node",
+                "2",
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(port),
+                SCENARIOS,
+                *args,
+            ],
+            cwd=ROOT,
+            env={**env, "DISTRIB_FLIGHT_DIR": str(folders[h])},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for h in (0, 1)
+    ]
+    try:
+        return "".join(agent.communicate(timeout=timeout)[0] for agent in agents)
+    finally:
+        for agent in agents:
+            agent.kill()
+
+
+@pytest.mark.parametrize("launcher,backend", [("mpiexec", "mpi"), ("torchrun", "gloo")])
+def test_across_hosts_the_store_carries_each_rank_s_record(launcher, backend, tmp_path):
+    """Where ranks span hosts, each rank's record also goes to a store (torchrun's; under MPI one met through MPI)
+    and the call check to a 16-byte allreduce: a stopped rank on the other host is still named, with its call, and
+    a rank busy elsewhere on the other host still sends its stack."""
+    folders = [tmp_path / "host0", tmp_path / "host1"]
+    for folder in folders:
+        folder.mkdir()
+    stopped = two_hosts(launcher, ["stopped", backend, "3", "ring"], folders, timeout=90)
+    last = 2 if launcher == "mpiexec" else 3
+    assert f"waited 3 s for rank(s) [{last}]: rank {last} entered call #6 but has not answered for" in stopped, stopped
+    assert f"rank {last} (pid " in stopped and ", another host): in call #6 allreduce(" in stopped, stopped
+    busy = two_hosts(launcher, ["timeout", backend, "3"], folders, timeout=90)
+    report = reports(busy)[2]  # rank 2: on the other host from rank 1, which sleeps
+    assert "rank 1 has not called it: it is alive, busy elsewhere" in report and "time.sleep(600)" in report, report
+    assert not [p for folder in folders for p in folder.iterdir()], "slot files left behind"

@@ -20,7 +20,8 @@ from distrib.comm import stuck, verify
 from distrib.comm.algorithms import ALGORITHMS, TABLE
 from distrib.comm.contract import CollectiveTimeout, check_tensor, check_timeout, env_timeout
 from distrib.comm.engine import Engine, Handle, observed
-from distrib.comm.flight import MASK, Board, describe, fingerprint, open_board
+from distrib.comm.flight import Board, open_board
+from distrib.comm.mirror import Mirror
 from distrib.comm.transport import Transport
 
 
@@ -213,8 +214,18 @@ class Communicator(Transport):
     def open_flight(self) -> None:
         """Start the flight recorder: collective, the last step of a transport's __init__ (verify.py, flight.py)."""
         if self.size > 1:
-            self._board = open_board(self)
-            self._seq = 0  # on every rank: the user's first collective is call #1
+            board = open_board(self)  # its own collectives go unrecorded: the board is not ours until the end
+            if board is None or not board.whole:  # the same on every rank: _flight_store may be collective
+                store = self._flight_store()
+                if board is not None and store is not None:
+                    board.mirror = Mirror(store, f"distrib-flight/{board.token}")
+            if board is not None and not self.spins:
+                board.tries = min(board.tries, 1)
+            self._board, self._seq = board, 0  # on every rank: the user's first collective is call #1
+
+    def _flight_store(self) -> Any:
+        """A key-value store (torch.distributed's) every rank reaches, for the recorder across hosts; None: none."""
+        return None
 
     def _run(
         self,
@@ -226,7 +237,7 @@ class Communicator(Transport):
         **info: Any,
     ) -> Any:
         if self.size > 1:
-            job = self._numbered(job, name, label, t, info.get("op", ""), info.get("algorithm", ""))
+            job = verify.checked(self, job, name, label, t, info.get("op", ""), info.get("algorithm", ""))
         if self.observer is not None:
             job = observed(job, self.observer, name, {**info, **(label or {})})
         if async_op:
@@ -238,33 +249,6 @@ class Communicator(Transport):
             finally:
                 self._engine.blocked_ns += time.perf_counter_ns() - start
         return self._engine.submit(job).wait()  # queued behind earlier async work, to keep the order
-
-    def _numbered(
-        self, job: Callable[[], Any], name: str, label: Mapping[str, Any] | None, t: torch.Tensor | None, op: str,
-        algorithm: str,
-    ) -> Callable[[], Any]:  # fmt: skip
-        """`job` as collective number _seq + 1 (counted when it starts): on the board as it starts and ends, and
-        checked first (verify.py). Runs on every call, so it costs a few stores where nothing is wrong."""
-        board = self._board
-        key = name if t is None else (name, op, algorithm, t.dtype, t.shape, tuple(label.items()) if label else None)
-
-        def run() -> Any:
-            seq = self._seq = self._seq + 1
-            if board is None:  # no board here: the check goes by messages
-                word = fingerprint(describe(name, t, op, algorithm, label)[0]) << 32 | seq & MASK
-            else:
-                word = board.enter(seq, key, name, t, op, algorithm, label)
-            if self.verify == "fingerprint":
-                if board is None or not board.agreed(seq, word):
-                    verify.agree(self, seq, word >> 32, name, (name, t, op, algorithm, label))
-            elif self.verify == "all":
-                verify.compare_all(self, seq, describe(name, t, op, algorithm, label)[0])
-            result = job()
-            if board is not None:
-                board.done(seq)
-            return result
-
-        return run
 
     def _timeout(self, what: str, missing: list[int]) -> CollectiveTimeout:
         return stuck.report(self, what, missing)  # the flight recorder's account of who is where

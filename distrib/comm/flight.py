@@ -1,6 +1,6 @@
 """The flight recorder: where each rank is in the sequence of collectives, readable by the others without its help.
 
-Every rank owns a slot, a small file under /dev/shm that the other ranks of its host map: the number and
+Every rank owns a slot (slots.py: a small file under /dev/shm that the other ranks of its host map): the number and
 fingerprint of the collective it entered last, the number of the one it finished last, when, what they were (a
 ring of descriptions, each written once), and a heartbeat from a thread of its own. Recording a call costs a few
 memory stores and no message; reading a slot needs nothing from its owner, so a rank that stopped, hangs or died
@@ -16,7 +16,6 @@ import mmap
 import os
 import secrets
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -25,6 +24,9 @@ import zlib
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
+
+from distrib.comm import slots as slots_
+from distrib.comm.mirror import Mirror
 
 # Slot layout: HEADER int64 words, then NAMES descriptions of NAME_BYTES, then the stack text.
 HEADER = 64
@@ -37,8 +39,8 @@ NAMES_AT = HEADER * 8
 STACK_AT = NAMES_AT + NAMES * NAME_BYTES
 STACK_BYTES, STACK_FRAMES = 16384, 16
 SLOT_BYTES = STACK_AT + STACK_BYTES
+TRIES = 64  # looks for peers already in a call before the check's slower wait (about 5-10 us)
 TICK = 0.2  # seconds between heartbeats, and between looks for a peer's request for our stack
-FOLDER = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 _OPEN: weakref.WeakSet[Board] = weakref.WeakSet()  # closed at exit, so peers read "finished", not "silent"
 
 
@@ -55,20 +57,25 @@ class Seen:
     heartbeat: float
     closed: float
     current: str  # the description of call `entered`
+    local: bool  # on this host (its pid means something here), else read through the mirror
 
 
 class Board:
     """This rank's slot, written by its collectives, and read-only views of the slots of the ranks on its host."""
 
-    def __init__(self, rank: int, slots: list[mmap.mmap | None], whole: bool) -> None:
-        self.rank, self.whole = rank, whole
-        self._slots = slots
+    def __init__(self, rank: int, slots: list[mmap.mmap | None], whole: bool, token: str = "") -> None:
+        self.rank, self.whole, self.token = rank, whole, token
+        self._slots: list[Any] = slots
         self._words = [memoryview(s)[: HEADER * 8].cast("q") if s is not None else None for s in slots]
         self._me = self._words[rank]
-        self.visible = [r for r, w in enumerate(self._words) if w is not None]
+        self.visible = [r for r, w in enumerate(self._words) if w is not None]  # this host's ranks
+        self.mirror: Mirror | None = None  # where ranks on other hosts are read (and this one published)
         self.peers = [r for r in self.visible if r != rank]
         self._peer_words = [self._words[r] for r in self.peers]
         self.crowded = len(self.visible) > len(_cores())
+        # Looks the fast path takes: none unless every rank is here (else the check is a collective, and a rank must
+        # not skip it), one when waiting ranks would take the cores (the Communicator says if its library needs them).
+        self.tries = 0 if not whole else 1 if self.crowded else TRIES
         self._names: dict[Hashable, tuple[int, int]] = {}  # call key -> (fingerprint, description id)
         self._named = 0
         self._owner = os.getpid()
@@ -106,12 +113,16 @@ class Board:
         return True
 
     def agreed(self, seq: int, word: int) -> bool:
-        """Whether every rank has entered call `seq` already, with the same fingerprint: the check's fast path."""
-        at = RING_AT + seq % RING
-        for words in self._peer_words:
-            if words[at] != word:
-                return False
-        return True
+        """Whether every rank has entered call `seq` with the same fingerprint, looking up to `tries` times: the
+        check's fast path, for peers that arrive within microseconds."""
+        at, peers = RING_AT + seq % RING, self._peer_words
+        for _ in range(self.tries):
+            for words in peers:
+                if words[at] != word:
+                    break
+            else:
+                return True
+        return False
 
     def _name(self, signature: str, label: str) -> tuple[int, int]:
         text = f"{signature}, {label}" if label else signature
@@ -144,7 +155,29 @@ class Board:
         at = max(range(RING), key=ring.__getitem__)
         current = self.description(rank, w[NAMED_AT + at]) if ring[at] else ""
         times = [w[i] / 1e9 for i in (T_ENTERED, T_DONE, HEARTBEAT, CLOSED)]
-        return Seen(rank, w[PID], ring[at], w[DONE], *times, current)
+        return Seen(rank, w[PID], ring[at], w[DONE], *times, current, rank in self.visible)
+
+    def others(self) -> list[int]:
+        """The other ranks whose slots can be read: this host's, and those the mirror brought."""
+        return [r for r, w in enumerate(self._words) if w is not None and r != self.rank]
+
+    def refresh(self) -> None:
+        """Read the slots of the ranks on other hosts from the mirror, as they last published them."""
+        for r in range(len(self._slots)):
+            if r not in self.visible and self.mirror is not None and (record := self.mirror.fetch(r)) is not None:
+                slot = bytearray(SLOT_BYTES)
+                slot[: HEADER * 8] = record[: HEADER * 8]
+                for at in range(NAMES_AT, len(record) - HEADER * 8 + NAMES_AT, NAME_BYTES):
+                    entry = record[HEADER * 8 + at - NAMES_AT : HEADER * 8 + at - NAMES_AT + NAME_BYTES]
+                    where = NAMES_AT + (int.from_bytes(entry[:8], "little") % NAMES) * NAME_BYTES
+                    slot[where : where + NAME_BYTES] = entry
+                self._slots[r], self._words[r] = slot, memoryview(slot)[: HEADER * 8].cast("q")
+
+    def _record(self) -> bytes:
+        """This rank's slot head and the descriptions of its last RING calls: what the mirror carries."""
+        slot, me = self._slots[self.rank], self._me
+        entries = [NAMES_AT + (me[NAMED_AT + i] % NAMES) * NAME_BYTES for i in range(RING)]
+        return bytes(slot[: HEADER * 8]) + b"".join(slot[at : at + NAME_BYTES] for at in entries)
 
     def call(self, rank: int, seq: int) -> str:
         """What `rank` entered as collective `seq` ("" if it has not, or that is too long ago to tell)."""
@@ -161,10 +194,14 @@ class Board:
     def ask_stacks(self) -> int:
         """Ask every rank's recorder thread for its main thread's stack; returns the request's stamp."""
         self._me[ASK] = stamp = time.time_ns()
+        if self.mirror is not None:
+            self.mirror.ask(stamp)
         return stamp
 
     def stack(self, rank: int, stamp: int) -> str | None:
         """`rank`'s stack, if it has answered the request `stamp`."""
+        if rank not in self.visible:
+            return self.mirror.stack(rank, stamp) if self.mirror is not None else None
         w = self._words[rank]
         if w[SERVED] < stamp:
             return None
@@ -176,14 +213,23 @@ class Board:
         me, main = self._me, threading.main_thread()
         while not self._stop.wait(TICK):
             me[HEARTBEAT] = time.time_ns()
+            mirror = self.mirror
             asked = max((self._words[r][ASK] for r in self.peers), default=0)
-            if asked > me[SERVED]:
-                frame = sys._current_frames().get(main.ident)
-                text = "".join(traceback.format_stack(frame)[-STACK_FRAMES:]) if frame else "(no main thread)\n"
-                data = text.encode()[-STACK_BYTES:]
-                self._slots[self.rank][STACK_AT : STACK_AT + len(data)] = data
-                me[STACK_LEN] = len(data)
-                me[SERVED] = asked
+            try:
+                if mirror is not None:
+                    mirror.publish(self.rank, self._record())
+                    asked = max(asked, mirror.asked())
+                if asked > me[SERVED]:
+                    frame = sys._current_frames().get(main.ident)
+                    text = "".join(traceback.format_stack(frame)[-STACK_FRAMES:]) if frame else "(no main thread)\n"
+                    data = text.encode()[-STACK_BYTES:]
+                    self._slots[self.rank][STACK_AT : STACK_AT + len(data)] = data
+                    me[STACK_LEN] = len(data)
+                    me[SERVED] = asked
+                    if mirror is not None:
+                        mirror.answer(self.rank, asked, text)
+            except Exception:  # noqa: BLE001 -- a store gone at the job's end: the recorder just stops
+                return
 
 
 def describe(name: str, t: Any, op: str, algorithm: str, label: Any) -> tuple[str, str]:
@@ -207,53 +253,22 @@ def open_board(comm: Any) -> Board | None:
     is removed once every rank has mapped it, so a job that dies leaves nothing in /dev/shm.
     """
     token = comm.broadcast_object(secrets.token_hex(8) if comm.rank == 0 else None)
-    path = os.path.join(FOLDER, f"distrib-{token}-{comm.rank}")
+    name = f"distrib-{token}-{comm.rank}"
+    path = os.path.join(slots_.FOLDER, name)
     nonce = secrets.randbits(62)
-    mine = _create(path, nonce)
-    places = comm.allgather_object((path, nonce if mine is not None else 0))
-    slots = [mine if r == comm.rank else _attach(p, n) for r, (p, n) in enumerate(places)]
+    mine = slots_.make(path, SLOT_BYTES, nonce)
+    if mine is not None:
+        words = memoryview(mine)[: HEADER * 8].cast("q")
+        words[PID] = os.getpid()
+        words.release()
+    places = comm.allgather_object((name, nonce if mine is not None else 0))  # each looks in its own host's folder
+    slots = [mine if r == comm.rank else slots_.attach(os.path.join(slots_.FOLDER, n), SLOT_BYTES, k)
+             for r, (n, k) in enumerate(places)]  # fmt: skip
     seen = comm.allgather_object([slot is not None for slot in slots])
     if mine is None:
         return None
     os.unlink(path)
-    return Board(comm.rank, slots, whole=all(all(row) for row in seen))
-
-
-def _create(path: str, nonce: int) -> mmap.mmap | None:
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-    except OSError:
-        return None
-    try:
-        os.ftruncate(fd, SLOT_BYTES)
-        slot = mmap.mmap(fd, SLOT_BYTES)
-    except OSError:
-        os.unlink(path)
-        return None
-    finally:
-        os.close(fd)
-    words = memoryview(slot)[: HEADER * 8].cast("q")
-    words[MAGIC], words[PID] = nonce, os.getpid()
-    words.release()
-    return slot
-
-
-def _attach(path: str, nonce: int) -> mmap.mmap | None:
-    """A peer's slot, read-only, if it is on this host (its file is here and holds its nonce)."""
-    if not nonce:
-        return None
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        slot = mmap.mmap(fd, SLOT_BYTES, prot=mmap.PROT_READ) if os.fstat(fd).st_size == SLOT_BYTES else None
-    finally:
-        os.close(fd)
-    if slot is not None and int.from_bytes(slot[:8], "little", signed=True) != nonce:
-        slot.close()
-        return None
-    return slot
+    return Board(comm.rank, slots, all(all(row) for row in seen), token)
 
 
 def _cores() -> set[int]:

@@ -75,6 +75,11 @@ class MPICommunicator(Communicator):
             self.devices = ("cpu", "cuda")
         self.open_flight()
 
+    def _flight_store(self):  # noqa: ANN202 -- a torch.distributed TCPStore, imported only where hosts differ
+        from distrib.comm.torch_dist import rendezvous
+
+        return rendezvous(self)  # on rank 0, met through MPI: only jobs that span hosts pay for it
+
     def post(
         self, sends: Sequence[tuple[torch.Tensor, int]] = (), recvs: Sequence[tuple[torch.Tensor, int]] = ()
     ) -> Pending:

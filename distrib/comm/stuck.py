@@ -39,10 +39,12 @@ def report(comm: Any, what: str, missing: list[int], gone: bool = False) -> Coll
     plain = comm._plain_timeout(what, missing)
     if board is None:
         return plain
+    if board.mirror is not None:
+        board.refresh()  # the ranks of other hosts, as they last published themselves
     me, seq, now = comm.rank, comm._seq, time.time()
     mine = board.fingerprint(me, seq)
     verdicts = {}
-    for r in board.peers:
+    for r in board.others():
         seen = board.seen(r)
         verdicts[r] = _verdict(seen, seq, board.fingerprint(r, seq), mine, board.call(r, seq), now)
     culprits = sorted(r for r, (kind, _) in verdicts.items() if kind not in ("waiting", "ahead"))
@@ -56,12 +58,14 @@ def report(comm: Any, what: str, missing: list[int], gone: bool = False) -> Coll
     kinds = {verdicts[r][0] for r in culprits} or {"waiting"}
     shown = [k for k in ADVICE if k in kinds and (k not in SLOW or kinds <= set(SLOW))]
     advice = "; ".join(dict.fromkeys(ADVICE[k] for k in shown))
-    lines = [head, *(f"  {_where(board.seen(r), now)}" for r in board.visible)]
-    lines += [f"  rank {r}: on another host, not visible from here" for r in range(comm.size) if r not in board.visible]
+    shown = sorted([me, *board.others()])
+    lines = [head, *(f"  {_where(board.seen(r), now)}" for r in shown)]
+    lines += [f"  rank {r}: on another host, not visible from here" for r in range(comm.size) if r not in shown]
     lines.append(f"  {advice}")
     if stamp:
         lines += _stacks(board, [r for r in culprits if verdicts[r][0] == "busy"], stamp)
-    stuck = tuple(board.seen(r).pid for r in culprits if verdicts[r][0] in ("stopped", "silent", "busy"))
+    seen = {r: board.seen(r) for r in culprits}
+    stuck = tuple(seen[r].pid for r in culprits if verdicts[r][0] in ("stopped", "silent", "busy") and seen[r].local)
     return (CollectiveError if gone else CollectiveTimeout)("\n".join(lines), tuple(culprits), stuck)
 
 
@@ -79,13 +83,13 @@ def departed(board: Board, seq: int) -> bool:
 def _verdict(s: Seen, seq: int, fp: int | None, mine: int | None, theirs: str, now: float) -> tuple[str, str]:
     """(kind, what to say) about a peer, as seen by a rank waiting in collective `seq`."""
     after = f"after call #{s.done}" if s.done else "before its first call"
-    state = process_state(s.pid)
+    state = process_state(s.pid) if s.local else "unknown"  # a pid of another host means nothing here
     if s.closed and s.done < seq:
         return "finished", f"finished: it closed its communicator {after}, {now - s.closed:.1f} s ago"
+    where = f"in call #{seq}" if s.entered == seq else f"{after}, before call #{seq}"
     if state == "dead":
-        return "died", f"died (pid {s.pid} is gone) {after}"
+        return "died", f"died (pid {s.pid} is gone) {where}"
     if state == "stopped":
-        where = f"in call #{seq}" if s.entered == seq else f"{after}, before call #{seq}"
         return "stopped", f"is stopped (pid {s.pid}, state T) {where}"
     silent = now - s.heartbeat > SILENT
     if s.entered < seq:
@@ -103,7 +107,7 @@ def _verdict(s: Seen, seq: int, fp: int | None, mine: int | None, theirs: str, n
 
 def _where(s: Seen, now: float) -> str:
     """One rank's line of the report: its call, and when it was last seen."""
-    line = f"rank {s.rank} (pid {s.pid}): "
+    line = f"rank {s.rank} (pid {s.pid}{'' if s.local else ', another host'}): "
     if s.entered > s.done:
         line += f"in call #{s.entered} {s.current} for {now - s.entered_at:.1f} s"
     elif s.done:

@@ -72,6 +72,9 @@ class TorchCommunicator(Communicator):
             )
         self.open_flight()
 
+    def _flight_store(self) -> dist.Store:
+        return dist.distributed_c10d._get_default_store()  # under torchrun, its agent's: alive while ranks stop
+
     def post(
         self, sends: Sequence[tuple[torch.Tensor, int]] = (), recvs: Sequence[tuple[torch.Tensor, int]] = ()
     ) -> Pending:

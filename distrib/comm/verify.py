@@ -15,13 +15,14 @@ A mismatch raises CollectiveError on every rank, naming each rank's call and its
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from distrib.comm.algorithms import naive_allgather_
 from distrib.comm.contract import CollectiveError, poll
-from distrib.comm.flight import describe, fingerprint
+from distrib.comm.flight import MASK, describe, fingerprint
 from distrib.comm.stuck import departed, report
 
 MODES = ("fingerprint", "all", "off")
@@ -32,6 +33,34 @@ def mode_from_env() -> str:
     if mode not in MODES:
         raise ValueError(f"DISTRIB_VERIFY={mode!r} is not a check: use one of {', '.join(MODES)}")
     return mode
+
+
+def checked(
+    comm: Any, job: Callable[[], Any], name: str, label: Mapping[str, Any] | None, t: torch.Tensor | None, op: str,
+    algorithm: str,
+) -> Callable[[], Any]:  # fmt: skip
+    """`job` as collective number comm._seq + 1 (counted when it starts): on the board (flight.py) as it starts and
+    ends, and checked first. Runs on every call, so where nothing is wrong it costs a few stores and reads."""
+    board = comm._board
+    key = name if t is None else (name, op, algorithm, t.dtype, t.shape, tuple(label.items()) if label else None)
+
+    def run() -> Any:
+        seq = comm._seq = comm._seq + 1
+        if board is None:  # no board here: the check goes by messages
+            word = fingerprint(describe(name, t, op, algorithm, label)[0]) << 32 | seq & MASK
+        else:
+            word = board.enter(seq, key, name, t, op, algorithm, label)
+        if comm.verify == "fingerprint":
+            if board is None or not board.agreed(seq, word):
+                agree(comm, seq, word >> 32, name, (name, t, op, algorithm, label))
+        elif comm.verify == "all":
+            compare_all(comm, seq, describe(name, t, op, algorithm, label)[0])
+        result = job()
+        if board is not None:
+            board.done(seq)
+        return result
+
+    return run
 
 
 def agree(comm: Any, seq: int, fp: int, what: str, call: tuple) -> None:
@@ -52,7 +81,7 @@ def agree(comm: Any, seq: int, fp: int, what: str, call: tuple) -> None:
 
     if not poll(lambda: board.arrived(seq), comm.timeout, board.crowded or not comm.spins, gone):
         raise comm._timeout(what, [r for r in peers if board.fingerprint(r, seq) is None])
-    if any(board.fingerprint(r, seq) != fp for r in peers):
+    if any(board.fingerprint(r, seq) != fp for r in peers):  # all arrived: compare (the fast path could not)
         calls = [f"call #{seq} {board.call(r, seq)}" for r in range(comm.size)]
         _differ(comm, calls)
 
