@@ -219,8 +219,8 @@ class Communicator(Transport):
                 store = self._flight_store()
                 if board is not None and store is not None:
                     board.mirror = Mirror(store, f"distrib-flight/{board.token}")
-            if board is not None and not self.spins:
-                board.tries = min(board.tries, 1)
+            if board is not None and not self.spins:  # the library's threads need the cores: sleep, not spin
+                board.tries, board.wakes = min(board.tries, 1), True
             self._board, self._seq = board, 0  # on every rank: the user's first collective is call #1
 
     def _flight_store(self) -> Any:

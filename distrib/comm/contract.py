@@ -70,13 +70,20 @@ def env_timeout() -> float:
     return DEFAULT_TIMEOUT if value is None else check_timeout(value, "DISTRIB_TIMEOUT={!r}")
 
 
-def poll(done: Callable[[], bool], timeout: float, crowded: bool, every: Callable[[], None] | None = None) -> bool:
+def poll(
+    done: Callable[[], bool],
+    timeout: float,
+    crowded: bool,
+    every: Callable[[], None] | None = None,
+    pause: Callable[[], None] | None = None,
+) -> bool:
     """Call `done` until it returns True (then True) or `timeout` seconds pass (then False).
 
     Short waits spin: peers on other cores answer within microseconds. Long waits, and every wait when ranks
-    outnumber cores (the peer may need this core to make progress), yield the core between polls. `every`, if
-    given, runs about every SLOW_CHECK seconds of waiting, to look for things too costly to look for each poll
-    (it may raise to end the wait).
+    outnumber cores (the peer may need this core to make progress), yield the core between polls, or call `pause`
+    (which should sleep until something may have changed: on a busy host a yield can give the core away for a
+    whole time slice, milliseconds). `every`, if given, runs about every SLOW_CHECK seconds of waiting, for looks
+    too costly for each poll (it may raise to end the wait).
     """
     if done():
         return True
@@ -92,7 +99,7 @@ def poll(done: Callable[[], bool], timeout: float, crowded: bool, every: Callabl
                 slow = waited + SLOW_CHECK
                 every()
         if patient:
-            os.sched_yield()
+            pause() if pause is not None else os.sched_yield()
     return True
 
 

@@ -40,6 +40,7 @@ STACK_AT = NAMES_AT + NAMES * NAME_BYTES
 STACK_BYTES, STACK_FRAMES = 16384, 16
 SLOT_BYTES = STACK_AT + STACK_BYTES
 TRIES = 64  # looks for peers already in a call before the check's slower wait (about 5-10 us)
+DOZE = 1e-3  # seconds a sleeping wait sleeps at most before it looks again
 TICK = 0.2  # seconds between heartbeats, and between looks for a peer's request for our stack
 _OPEN: weakref.WeakSet[Board] = weakref.WeakSet()  # closed at exit, so peers read "finished", not "silent"
 
@@ -72,6 +73,8 @@ class Board:
         self.mirror: Mirror | None = None  # where ranks on other hosts are read (and this one published)
         self.peers = [r for r in self.visible if r != rank]
         self._peer_words = [self._words[r] for r in self.peers]
+        self._at = {r: slots_.address(slots[r]) for r in self.visible}  # for futex waits on a word
+        self.wakes = False  # whether entering a call wakes peers sleeping on it (doze), set where waits sleep
         self.crowded = len(self.visible) > len(_cores())
         # Looks the fast path takes: none unless every rank is here (else the check is a collective, and a rank must
         # not skip it), one when waiting ranks would take the cores (the Communicator says if its library needs them).
@@ -98,6 +101,8 @@ class Board:
         me[NAMED_AT + at] = known[1]  # before the word: a peer that sees the word sees its description
         me[RING_AT + at] = word
         me[T_ENTERED] = time.time_ns()
+        if self.wakes:
+            slots_.wake(self._at[self.rank] + (RING_AT + at) * 8)
         return word
 
     def done(self, seq: int) -> None:
@@ -111,6 +116,14 @@ class Board:
             if words[at] & MASK != low:
                 return False
         return True
+
+    def doze(self, seq: int) -> None:
+        """Sleep (up to DOZE seconds) until the first rank not yet in call `seq` writes its word for it."""
+        at, low = RING_AT + seq % RING, seq & MASK
+        for r, words in zip(self.peers, self._peer_words):
+            if (value := words[at] & MASK) != low:
+                slots_.sleep_while(self._at[r] + at * 8, value, DOZE)
+                return
 
     def agreed(self, seq: int, word: int) -> bool:
         """Whether every rank has entered call `seq` with the same fingerprint, looking up to `tries` times: the

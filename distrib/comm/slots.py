@@ -2,14 +2,18 @@
 
 The owner's random nonce heads its slot, so a reader knows it mapped the right one (a folder seen under the same
 name on another host holds another file, or none). The owner removes the file once every reader has mapped it:
-the memory lives while mapped, and a job that dies leaves nothing behind.
+the memory lives while mapped, and a job that dies leaves nothing behind. A reader may sleep until a word of a
+slot changes (Linux futexes: the writer wakes it), rather than spin on a core another thread needs.
 """
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
 import tempfile
+
+import numpy as np
 
 # Memory-backed, and one per host; DISTRIB_FLIGHT_DIR chooses another (a test's second "host" on one machine).
 FOLDER = os.environ.get("DISTRIB_FLIGHT_DIR") or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
@@ -49,3 +53,32 @@ def attach(path: str, size: int, nonce: int) -> mmap.mmap | None:
         slot.close()
         return None
     return slot
+
+
+_FUTEX = {"x86_64": 202, "aarch64": 98}.get(os.uname().machine)  # the futex syscall's number, where we know it
+_WAIT, _WAKE = 0, 1
+_libc = ctypes.CDLL(None, use_errno=True) if _FUTEX else None
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def address(slot: mmap.mmap) -> int:
+    """Where `slot` starts in this process's memory (valid while it is mapped)."""
+    return np.frombuffer(slot, dtype=np.uint8).ctypes.data
+
+
+def sleep_while(addr: int, value: int, seconds: float) -> None:
+    """Sleep until the 32-bit word at `addr` is woken, or no longer holds `value`, or `seconds` pass."""
+    if _libc is None:
+        os.sched_yield()
+        return
+    limit = _Timespec(0, int(seconds * 1e9))
+    _libc.syscall(_FUTEX, ctypes.c_void_p(addr), _WAIT, ctypes.c_uint32(value), ctypes.byref(limit), None, 0)
+
+
+def wake(addr: int) -> None:
+    """Wake every process sleeping on the word at `addr`."""
+    if _libc is not None:
+        _libc.syscall(_FUTEX, ctypes.c_void_p(addr), _WAKE, 0x7FFFFFFF, None, None, 0)

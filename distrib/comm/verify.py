@@ -79,7 +79,9 @@ def agree(comm: Any, seq: int, fp: int, what: str, call: tuple) -> None:
         if departed(board, seq):
             raise report(comm, what, [r for r in peers if board.fingerprint(r, seq) is None], gone=True)
 
-    if not poll(lambda: board.arrived(seq), comm.timeout, board.crowded or not comm.spins, gone):
+    # Where the library's threads need the cores (gloo), sleep until a peer's word changes instead of spinning.
+    pause = None if comm.spins else lambda: board.doze(seq)
+    if not poll(lambda: board.arrived(seq), comm.timeout, board.crowded or not comm.spins, gone, pause):
         raise comm._timeout(what, [r for r in peers if board.fingerprint(r, seq) is None])
     if any(board.fingerprint(r, seq) != fp for r in peers):  # all arrived: compare (the fast path could not)
         calls = [f"call #{seq} {board.call(r, seq)}" for r in range(comm.size)]
