@@ -61,13 +61,17 @@ def each_algorithm(launches=LAUNCHES):
     return [(la, b, a) for la, b in launches for a in algorithms if a != "shm" or b == "mpi"]
 
 
-@pytest.mark.parametrize("launcher,backend,algorithm", each_algorithm())
-def test_calls_that_differ_after_the_first_eight_fail_on_every_rank(launcher, backend, algorithm):
+@pytest.mark.parametrize(
+    "launcher,backend,algorithm,check",
+    [(*launch, "fingerprint") for launch in each_algorithm()] + [("mpiexec", "mpi", "ring", "all")],
+)
+def test_calls_that_differ_after_the_first_eight_fail_on_every_rank(launcher, backend, algorithm, check):
     """The 9th call: 1000 against 1001 elements, then float32 against int32 (the same bytes). Native MPI used to
     return rank 1's tail unreduced, ring and naive an MPI_ERROR, gloo a C++ terminate; now every rank raises the
-    CollectiveError naming both calls, and the uncaught second one ends the job."""
+    CollectiveError naming both calls, and the uncaught second one ends the job. DISTRIB_VERIFY=all: the same."""
     start = time.monotonic()
-    result = run_ranks(launcher, 2, [SCENARIOS, "late_mismatch", backend, "20", algorithm], timeout=90)
+    args = [SCENARIOS, "late_mismatch", backend, "20", algorithm]
+    result = run_ranks(launcher, 2, args, timeout=90, env={"DISTRIB_VERIFY": check})
     text = result.stdout + result.stderr
     assert result.returncode != 0, text[-3000:]
     assert time.monotonic() - start < 60

@@ -1,6 +1,7 @@
 """A deadline that cannot be switched off: every source of the collective timeout takes finite positive seconds
 only, and says which source and which value it refused in one line. NaN passed `<= 0` and `waited > nan` is never
-true, so NaN or inf used to let a stopped rank hang a job forever."""
+true, so NaN or inf used to let a stopped rank hang a job forever. (And DISTRIB_VERIFY, the other setting of the
+communication layer read from the environment, says its bad values in one line too.)"""
 
 from __future__ import annotations
 
@@ -103,3 +104,13 @@ def test_the_cli_refuses_them_once_on_every_rank():
     ]:
         result = run_ranks("mpiexec", 2, ["-m", "distrib.train", *args], timeout=60, env=env)
         assert result.returncode == 2 and result.stderr.strip().splitlines() == [ERROR + line], result.stderr
+
+
+def test_an_unknown_check_is_one_line(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("DISTRIB_VERIFY", "some")
+    with pytest.raises(SystemExit) as status:
+        train.main(["--out", str(tmp_path / "run")])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert status.value.code == 2 and lines == [
+        f"{ERROR}DISTRIB_VERIFY='some' is not a check: use one of fingerprint, all, off"
+    ], lines

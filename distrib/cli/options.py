@@ -13,6 +13,7 @@ from distrib import tasks
 from distrib.cli.optim import OPTIMIZERS, SCHEDULES
 from distrib.comm import ALGORITHMS
 from distrib.comm.contract import check_timeout, env_timeout
+from distrib.comm.verify import mode_from_env as verify_mode
 from distrib.env import LaunchError, read_world
 from distrib.process import BACKENDS
 from distrib.steps import ON_NAN
@@ -112,11 +113,12 @@ def parse(argv: list[str] | None, description: str | None = None) -> tuple[argpa
         with_task = parser(description)
         with_task.set_defaults(**defaults)
         args = with_task.parse_args(argv)
-    if args.timeout is None:
-        try:  # said here, as one line, rather than where the communicator starts
+    try:  # said here, as one line, rather than where the communicator starts
+        verify_mode()
+        if args.timeout is None:
             env_timeout()
-        except ValueError as error:
-            fail(str(error))
+    except ValueError as error:
+        fail(str(error))
     if args.resume is True and args.out is None:
         fail("argument --resume: name the run to continue, as --out RUN_DIR or --resume RUN_DIR")
     if args.tensorboard is not None and importlib.util.find_spec("tensorboard") is None:
