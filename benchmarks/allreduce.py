@@ -212,8 +212,11 @@ def rows(rounds: list[dict[tuple, list]], nbytes: int, dtype: torch.dtype, n: in
 
 
 def plot(rows: list[dict], limits: dict[str, float], title: str, path: Path) -> None:
-    """busbw against size, one line per backend and algorithm, log-log, with the copy bandwidth drawn across."""
-    fig, ax = subplots(figsize=(9, 5.5))
+    """busbw against size, one line per backend and algorithm, log-log, with the copy bandwidth drawn across; with
+    --verify, a second panel: each algorithm's time with the check over its time without (vs_off)."""
+    checked = [r for r in rows if "vs_off" in r]
+    fig, axes = subplots(1, 2 if checked else 1, figsize=(15 if checked else 9, 5.5), squeeze=False)
+    ax, sizes = axes[0][0], sorted({r["bytes"] for r in rows})
     for dtype in dict.fromkeys(r["dtype"] for r in rows):
         for subject in dict.fromkeys((r["backend"], r["algorithm"], r["verify"]) for r in rows):
             mine = [r for r in rows if (r["backend"], r["algorithm"], r["verify"], r["dtype"]) == (*subject, dtype)]
@@ -221,14 +224,27 @@ def plot(rows: list[dict], limits: dict[str, float], title: str, path: Path) -> 
             label = f"{backend} {algorithm}" + (f" {dtype}" if dtype != "float32" else "")
             label += f" (check {check})" if check not in ("-", MODES[0]) else ""
             style = {"color": COLORS[algorithm], "linestyle": LINES.get(backend, ":"), "marker": "o", "label": label}
+            style["alpha"] = 0.4 if check == "off" else 1.0
             ax.loglog([r["bytes"] for r in mine], [r["busbw_gbps"] for r in mine], **style)
     for device, gbps in limits.items():
         ax.axhline(gbps, linestyle="--", color="gray", label=f"{device} memory copy (read+write)")
-    sizes = sorted({r["bytes"] for r in rows})
     ax.set_xticks(sizes, [human_bytes(s) for s in sizes])
     ax.set(xlabel="bytes per rank", ylabel="busbw (GB/s), median", title=title)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=7, loc="best")
     ax.grid(True, which="both", alpha=0.3)
+    if checked:
+        ax = axes[0][1]
+        for subject in dict.fromkeys((r["backend"], r["algorithm"], r["verify"], r["dtype"]) for r in checked):
+            mine = [r for r in checked if (r["backend"], r["algorithm"], r["verify"], r["dtype"]) == subject]
+            style = {"color": COLORS[subject[1]], "linestyle": LINES.get(subject[0], ":"), "marker": "o"}
+            ax.semilogx([r["bytes"] for r in mine], [r["vs_off"] for r in mine], label=" ".join(subject[:3]), **style)
+        ax.axhline(1.03, linestyle="--", color="gray", label="+3%")
+        ax.axhline(1.0, color="black", linewidth=0.5)
+        ax.set_xticks(sizes, [human_bytes(s) for s in sizes])
+        ax.set(xlabel="bytes per rank", ylabel="time with the check / without (median of rounds)")
+        ax.set_title("what checking every call costs")
+        ax.legend(fontsize=7, loc="best")
+        ax.grid(True, which="both", alpha=0.3)
     save_figure(fig, path)
 
 

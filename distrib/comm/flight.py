@@ -41,7 +41,7 @@ STACK_BYTES, STACK_FRAMES = 16384, 16
 SLOT_BYTES = STACK_AT + STACK_BYTES
 TRIES = 64  # looks for peers already in a call before the check's slower wait (about 5-10 us)
 DOZE = 1e-3  # seconds a sleeping wait sleeps at most before it looks again
-TICK = 0.2  # seconds between heartbeats, and between looks for a peer's request for our stack
+TICK = 0.2  # seconds between heartbeats, looks for a peer's request for our stack, and the clock read for calls
 _OPEN: weakref.WeakSet[Board] = weakref.WeakSet()  # closed at exit, so peers read "finished", not "silent"
 
 
@@ -100,14 +100,12 @@ class Board:
         me, at = self._me, seq % RING
         me[NAMED_AT + at] = known[1]  # before the word: a peer that sees the word sees its description
         me[RING_AT + at] = word
-        me[T_ENTERED] = time.time_ns()
         if self.wakes:
             slots_.wake(self._at[self.rank] + (RING_AT + at) * 8)
         return word
 
     def done(self, seq: int) -> None:
-        self._me[T_DONE] = time.time_ns()
-        self._me[DONE] = seq
+        self._me[DONE] = seq  # when: the recorder thread notes it (to a tick), so calls need not read the clock
 
     def arrived(self, seq: int) -> bool:
         """Whether every rank has entered call `seq`."""
@@ -116,6 +114,14 @@ class Board:
             if words[at] & MASK != low:
                 return False
         return True
+
+    @property
+    def tries(self) -> int:
+        return len(self._tries)
+
+    @tries.setter
+    def tries(self, n: int) -> None:
+        self._tries = range(n)
 
     def doze(self, seq: int) -> None:
         """Sleep (up to DOZE seconds) until the first rank not yet in call `seq` writes its word for it."""
@@ -129,7 +135,7 @@ class Board:
         """Whether every rank has entered call `seq` with the same fingerprint, looking up to `tries` times: the
         check's fast path, for peers that arrive within microseconds."""
         at, peers = RING_AT + seq % RING, self._peer_words
-        for _ in range(self.tries):
+        for _ in self._tries:
             for words in peers:
                 if words[at] != word:
                     break
@@ -223,9 +229,15 @@ class Board:
     # The recorder thread: a heartbeat, and this rank's stack for whoever asks.
 
     def _beat(self) -> None:
-        me, main = self._me, threading.main_thread()
+        me, main, seen = self._me, threading.main_thread(), (0, 0)
         while not self._stop.wait(TICK):
-            me[HEARTBEAT] = time.time_ns()
+            now = me[HEARTBEAT] = time.time_ns()
+            entered, done = max(me[RING_AT + i] & MASK for i in range(RING)), me[DONE]
+            if entered != seen[0]:
+                me[T_ENTERED] = now  # the call's start, to within a tick
+            if done != seen[1]:
+                me[T_DONE] = now
+            seen = entered, done
             mirror = self.mirror
             asked = max((self._words[r][ASK] for r in self.peers), default=0)
             try:

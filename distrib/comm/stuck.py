@@ -106,12 +106,13 @@ def _verdict(s: Seen, seq: int, fp: int | None, mine: int | None, theirs: str, n
 
 
 def _where(s: Seen, now: float) -> str:
-    """One rank's line of the report: its call, and when it was last seen."""
+    """One rank's line of the report: its call, and when it was last seen (times to within a recorder tick)."""
     line = f"rank {s.rank} (pid {s.pid}{'' if s.local else ', another host'}): "
     if s.entered > s.done:
-        line += f"in call #{s.entered} {s.current} for {now - s.entered_at:.1f} s"
+        line += f"in call #{s.entered} {s.current}" + (f" for {now - s.entered_at:.1f} s" if s.entered_at else "")
     elif s.done:
-        line += f"between calls: call #{s.done} {s.current} ended {now - s.done_at:.1f} s ago"
+        line += f"between calls: call #{s.done} {s.current} ended"
+        line += f" {now - s.done_at:.1f} s ago" if s.done_at else ""
     else:
         line += "has made no collective call yet"
     if s.closed:
