@@ -1,12 +1,13 @@
 """What every collective call agrees to: the reductions and dtypes there are, what the Python algorithms work on,
-how a flat array is split between ranks, the deadline and how waits keep it, and the errors raised when a call or a
-peer breaks the agreement."""
+how a flat array is split between ranks, the deadline and how waits keep it, the errors raised when a call or a
+peer breaks the agreement, and what a call is (its description and fingerprint, equal on ranks that agree)."""
 
 from __future__ import annotations
 
 import math
 import os
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -122,3 +123,17 @@ def check_tensor(t: Any, op: str) -> None:
         raise ValueError(f"op must be one of {', '.join(OPS)}; got {op!r}")
     if op == "avg" and not t.is_floating_point():
         raise ValueError(f"op='avg' needs a floating-point tensor, got {t.dtype}; use op='sum' and divide")
+
+
+def describe(name: str, t: Any, op: str, algorithm: str, label: Any) -> tuple[str, str]:
+    """(what a call is, as ranks must agree on it; its label, which they need not agree on)."""
+    signature = name
+    if t is not None:
+        dtype = str(t.dtype).removeprefix("torch.")
+        signature = f"{name}(op={op!r}, algorithm={algorithm!r}) on {dtype} {tuple(t.shape)}"
+    return signature, ", ".join(f"{k} {v}" for k, v in label.items()) if label else ""
+
+
+def fingerprint(signature: str) -> int:
+    """A 31-bit CRC of what a call is: equal on every rank that makes the same call."""
+    return zlib.crc32(signature.encode()) & 0x7FFFFFFF

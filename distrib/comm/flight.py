@@ -20,12 +20,12 @@ import threading
 import time
 import traceback
 import weakref
-import zlib
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
 from distrib.comm import slots as slots_
+from distrib.comm.contract import describe, fingerprint
 from distrib.comm.mirror import Mirror
 
 # Slot layout: HEADER int64 words, then NAMES descriptions of NAME_BYTES, then the stack text.
@@ -255,20 +255,6 @@ class Board:
                         mirror.answer(self.rank, asked, text)
             except Exception:  # noqa: BLE001 -- a store gone at the job's end: the recorder just stops
                 return
-
-
-def describe(name: str, t: Any, op: str, algorithm: str, label: Any) -> tuple[str, str]:
-    """(what a call is, as ranks must agree on it; its label, which they need not agree on)."""
-    signature = name
-    if t is not None:
-        dtype = str(t.dtype).removeprefix("torch.")
-        signature = f"{name}(op={op!r}, algorithm={algorithm!r}) on {dtype} {tuple(t.shape)}"
-    return signature, ", ".join(f"{k} {v}" for k, v in label.items()) if label else ""
-
-
-def fingerprint(signature: str) -> int:
-    """A 31-bit CRC of what a call is: equal on every rank that makes the same call."""
-    return zlib.crc32(signature.encode()) & 0x7FFFFFFF
 
 
 def open_board(comm: Any) -> Board | None:

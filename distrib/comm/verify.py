@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from distrib.comm.algorithms import naive_allgather_
-from distrib.comm.contract import CollectiveError, poll
-from distrib.comm.flight import MASK, describe, fingerprint
+from distrib.comm.contract import CollectiveError, describe, fingerprint, poll
+from distrib.comm.flight import MASK
 from distrib.comm.stuck import departed, report
 
 MODES = ("fingerprint", "all", "off")
