@@ -27,7 +27,7 @@ BAD = [
     (["--seed", "99999999999999999999999"], "argument --seed: must be a whole number >= 0 and < 2**63, got '9999"),
     (["--backend", "tcp"], "argument --backend: invalid choice: 'tcp'"),
     (["--allreduce", "tree"], "argument --allreduce: invalid choice: 'tree'"),
-    (["--timeout", "0"], "argument --timeout: must be a positive float"),
+    (["--timeout", "0"], "argument --timeout: '0' is not a deadline"),
     (["--sync-every", "0"], "argument --sync-every: must be a positive int, got '0'"),
     (["--outer-lr", "-1"], "argument --outer-lr: must be a positive float"),
     (["--outer-momentum", "1"], "argument --outer-momentum: must be a number in [0, 1), got '1'"),

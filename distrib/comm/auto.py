@@ -188,8 +188,11 @@ def options(hosts: int, per_host: int, *, even: bool = True, shm: bool = False) 
     return found
 
 
-def choose(comm, nbytes: int) -> str:
-    """The algorithm for a collective of `nbytes` on `comm`, from rank-independent inputs only."""
+def choose(comm, algorithm: str, nbytes: int) -> str:
+    """The algorithm a collective of `nbytes` on `comm` runs: "auto" becomes the one the model predicts fastest,
+    from rank-independent inputs only; any other name stays."""
+    if algorithm != "auto" or comm.size == 1:
+        return algorithm
     topo = comm._hosts()
     hosts = len(topo.hosts)
     allowed = options(hosts, topo.per_host, even=topo.even, shm=not comm._shm_unavailable())

@@ -81,7 +81,7 @@ def main() -> None:
     args = parser.parse_args()
     comm = distrib.init(args.backend, algorithm=args.algorithm)
     for nbytes in args.picks:
-        pick = auto.choose(comm, nbytes)
+        pick = auto.choose(comm, "auto", nbytes)
         if comm.rank == 0:
             print(f"auto {nbytes} -> {pick}", flush=True)
     check_allreduce(comm, EVERY if args.check_all else ALGORITHMS, args.check_all)
