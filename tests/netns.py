@@ -9,7 +9,8 @@ addresses are used. The switch is one more namespace:
 Frames are 64 KB (so the relay keeps up), and tbf lets one frame's worth pass at once: a message of up to a
 frame leaves without waiting its serialisation time, longer ones are paced at the rate. Names carry the pid and a
 counter, so parallel runs never meet; everything goes when the context ends, even when
-the test inside it fails, and `leftovers(cluster)` says whether anything stayed.
+the test inside it fails, and `leftovers(cluster)` says whether anything stayed. A run killed outright (SIGKILL:
+no `finally` runs) leaves its namespaces behind; the next `cluster()` deletes those whose pid is gone.
 """
 
 from __future__ import annotations
@@ -126,6 +127,7 @@ def unavailable(shaped: bool = False) -> str | None:
 @contextmanager
 def cluster(hosts: int, link: Link | None = None) -> Iterator[Cluster]:
     """Make `hosts` namespace hosts and their switch; afterwards kill everything left inside and delete them."""
+    _delete_orphans()
     tag = f"{os.getpid()}-{next(_count)}"
     made = Cluster(tuple(f"distrib-h{h}-{tag}" for h in range(hosts)), f"distrib-sw-{tag}", link)
     relay = None
@@ -173,6 +175,16 @@ def leftovers(made: Cluster) -> list[str]:
     qdiscs = json.loads(_tc("-j", "qdisc", "show").stdout or "[]")
     left += [f"qdisc {q['kind']} on {q.get('dev')}" for q in qdiscs if tag in str(q.get("dev"))]
     return left
+
+
+def _delete_orphans() -> None:
+    """Delete namespaces of ours (distrib-h0-PID-N, distrib-sw-PID-N) whose maker PID no longer runs."""
+    for name in _ip("netns", "list").stdout.split():
+        parts = name.split("-")
+        if len(parts) == 4 and parts[0] == "distrib" and parts[2].isdigit() and not Path(f"/proc/{parts[2]}").exists():
+            for pid in _ip("netns", "pids", name).stdout.split():
+                os.kill(int(pid), signal.SIGKILL)
+            _ip("netns", "delete", name)
 
 
 def _bridge(made: Cluster) -> None:

@@ -143,3 +143,20 @@ def test_cut_link_ends_the_job_naming_a_lost_rank(hosts, tmp_path):
     assert blamed and all(set(ranks.split(", ")) <= {"1", "3"} for ranks in blamed), text[-3000:]
     assert ended < 20, f"mpiexec took {ended:.0f} s to end the job after the link was cut (timeout 5 s)"
     assert not left_on_b, f"host B's processes {left_on_b} were still running 30 s after the link was cut"
+
+
+def test_hosts_of_a_killed_run_are_deleted_by_the_next():
+    reason = netns.unavailable()
+    if reason:
+        pytest.skip(f"two hosts need network namespaces: {reason}")
+    # A run killed outright (SIGKILL) runs no finally: its namespaces stay until the next cluster() is made.
+    code = "import os, signal; from tests import netns\nwith netns.two_hosts(): os.kill(os.getpid(), signal.SIGKILL)"
+    killed = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parent.parent)
+    assert killed.wait(timeout=60) == -9
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    orphans = [name for name in listed if f"-{killed.pid}-" in name]
+    assert len(orphans) == 3, listed  # two hosts and their switch
+    with netns.two_hosts() as made:
+        left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+        assert not set(orphans) & set(left), left
+        assert all(name in left for name in (*made.names, made.switch))
