@@ -18,7 +18,7 @@ import torch
 
 from distrib.comm import Communicator
 from distrib.ddp import messages
-from distrib.ddp.buckets import UNLIMITED, Bucket, GradBucket, assign, initial_layout
+from distrib.ddp.buckets import UNLIMITED, Bucket, GradBucket, aliases, assign, initial_layout
 
 _engine = torch.autograd.Variable._execution_engine
 
@@ -105,7 +105,7 @@ class Reducer:
             for bucket in old:
                 for i in bucket.indices:
                     grad = self.params[i].grad
-                    if grad is not None and _aliases(grad, bucket.views[i]):
+                    if grad is not None and aliases(grad, bucket.views[i]):
                         self.bucket_of[i].views[i].copy_(grad)
                         self.params[i].grad = self.bucket_of[i].views[i]
         self.rebuilt, self.ready_order = True, []
@@ -121,6 +121,9 @@ class Reducer:
         self.expect_hooks = True
         for bucket in self.buckets:
             bucket.pending, bucket.work = len(bucket.indices), None
+            if not self.grad_as_view:  # torch's views stay views of the one bucket; a gradient of its own must not
+                if bucket.held_elsewhere():
+                    bucket.renew()
         self.launched = 0
         self.ready = [False] * len(self.params)
         self.marked_unused = False
@@ -158,8 +161,8 @@ class Reducer:
         if self.ready[i]:
             raise RuntimeError(messages.marked_twice(i, self.names[i]))
         self.ready[i] = self.require_finalize = True
-        self._copy_in(i)
         bucket = self.bucket_of[i]
+        self._copy_in(i, bucket)
         bucket.pending -= 1
         if bucket.pending == 0:
             while self.launched < len(self.buckets) and self.buckets[self.launched].pending == 0:
@@ -178,27 +181,12 @@ class Reducer:
                 self.div_factor = int(self.join_work.get_future().value()[0].item())
         return self.div_factor
 
-    def _copy_in(self, i: int) -> None:
+    def _copy_in(self, i: int, bucket: Bucket) -> None:
         """The gradient into its bucket, divided by the world size unless a comm hook divides (torch's scaling)."""
-        param, view = self.params[i], self.bucket_of[i].views[i]
-        grad = param.grad
-        if grad is None:
-            view.zero_()
-            return
         hooked = self.comm_hook is not None
-        if _aliases(grad, view):  # accumulated straight into the bucket (gradient_as_bucket_view)
-            if not hooked:
-                view.div_(self._divide())
-            return
-        if hooked:
-            view.copy_(grad)
-        elif grad.requires_grad:  # backward(create_graph=True): keep the copy differentiable, as torch does
-            messages.warn_create_graph()
-            view.copy_(grad * (1.0 / self._divide()))
-        else:
-            torch.mul(grad, 1.0 / self._divide(), out=view)
-        if self.grad_as_view:
-            param.grad = view
+        if self.params[i].grad is not None and not hooked and self.params[i].grad.requires_grad:
+            messages.warn_create_graph()  # backward(create_graph=True): the copy stays differentiable, as torch's
+        bucket.take(i, None if hooked else self._divide(), self.grad_as_view)
 
     def _launch(self, bucket: Bucket) -> None:
         if self.comm_hook is None:
@@ -224,7 +212,7 @@ class Reducer:
         self.static_first, self.require_finalize = False, True
         self.ready = [True] * len(self.params)
         for i in range(len(self.params)):
-            self._copy_in(i)
+            self._copy_in(i, self.bucket_of[i])
         for bucket in self.buckets:
             self._launch(bucket)
         self.launched = len(self.buckets)
@@ -239,7 +227,7 @@ class Reducer:
                 for k, i in enumerate(bucket.indices):
                     if (self.static_graph or self.find_unused) and self._unused_everywhere(i):
                         continue  # a parameter no rank used keeps its .grad, as in torch
-                    self._copy_out(i, bucket, bucket._view(result, k))
+                    bucket.hand_out(i, bucket._view(result, k), self.grad_as_view)
         finally:
             self.div_factor = None
             if self._used_work is not None:
@@ -264,18 +252,6 @@ class Reducer:
             self._used_work = None
         return int(self.used_everywhere[i]) == 0
 
-    def _copy_out(self, i: int, bucket: Bucket, result: torch.Tensor) -> None:
-        param, view = self.params[i], bucket.views[i]
-        if self.grad_as_view:
-            if result.data_ptr() != view.data_ptr():  # a comm hook's result lives elsewhere
-                view.copy_(result)
-            if param.grad is None or not _aliases(param.grad, view):
-                param.grad = view
-        elif param.grad is None:
-            param.grad = torch.empty_like(param, memory_format=torch.preserve_format).copy_(result)
-        else:
-            param.grad.copy_(result)
-
     # For the join context: what a rank that has run out of data does in the others' backward.
 
     def shadow_backward(self) -> None:
@@ -292,7 +268,3 @@ class Reducer:
 
     def _get_local_used_map(self) -> torch.Tensor:  # torch's name, read by torch's tests
         return self.used_everywhere
-
-
-def _aliases(grad: torch.Tensor, view: torch.Tensor) -> bool:
-    return grad.data_ptr() == view.data_ptr() and grad.shape == view.shape and grad.stride() == view.stride()
