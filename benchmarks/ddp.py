@@ -30,6 +30,7 @@ from torch import nn
 
 from benchmarks import gpt
 from benchmarks.common import RESULTS, machine, print_table, save_figure, subplots
+from benchmarks.ddp_breakdown import FIELDS, Breakdown
 
 WIDTHS = (1024, 2048, 2048, 2048, 2048, 2048, 1024)  # 21.0M parameters
 MODELS = ("mlp", *gpt.SIZES)
@@ -39,6 +40,7 @@ GLOBAL_BATCH = {"mlp": 256, "gpt": 8, "gpt-tiny": 8}
 PLAIN, TORCH = "no communication", "torch DDP gloo"
 COLUMNS = {"ranks": "d", "impl": "", "median_ms": ".1f", "min_ms": ".1f", "max_ms": ".1f", "samples_per_s": ".0f"}
 COLUMNS |= {"efficiency": ".2f", "vs_torch": ".2f", "exposed_comm_ms": ".1f", "allreduce_ms": ".1f"}
+PARTS = {"impl": "", **{f"{name}_ms": ".1f" for name in FIELDS}}  # the breakdown's table, distrib's rows
 
 
 def mlp() -> nn.Sequential:
@@ -113,24 +115,29 @@ def worker(out: Path, model_name: str, rounds: int, steps: int, only: list[str] 
     per_rank = GLOBAL_BATCH[model_name] // comm.size
     x, y = batch(model_name, per_rank)
     times: dict[str, list[float]] = {impl: [] for impl in wrap}
+    parts: dict[str, list[dict[str, float]]] = {impl: [] for impl in wrap}
     # torch's DDP is never freed (its C++ reducer keeps itself, and the gloo group, alive), so it is built once.
     kept = {TORCH: wrap[TORCH](build(model_name))}
-    for r in range(rounds):
-        names = list(wrap)
-        for impl in names[r % len(names) :] + names[: r % len(names)]:
-            model = kept[impl] if impl in kept else wrap[impl](build(model_name))
-            optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-            for s in range(steps + 1):
-                comm.barrier()
-                start = time.perf_counter()
-                loss(model_name, model(x), y).backward()
-                optimizer.step()
-                optimizer.zero_grad()
-                took = comm.allreduce(torch.tensor([time.perf_counter() - start]), op="max")
-                if s:
-                    times[impl].append(float(took))
-            del model, optimizer
-            gc.collect()  # a DDP wrapper sits in reference cycles; free its buffers before the next one
+    breakdown = Breakdown()
+    with breakdown.measuring(*comms.values()):
+        for r in range(rounds):
+            names = list(wrap)
+            for impl in names[r % len(names) :] + names[: r % len(names)]:
+                model = kept[impl] if impl in kept else wrap[impl](build(model_name))
+                optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+                for s in range(steps + 1):
+                    comm.barrier()
+                    breakdown.take()
+                    start = time.perf_counter()
+                    loss(model_name, model(x), y).backward()
+                    optimizer.step()
+                    optimizer.zero_grad()
+                    took = comm.allreduce(torch.tensor([time.perf_counter() - start]), op="max")
+                    if s:
+                        times[impl].append(float(took))
+                        parts[impl].append(breakdown.take())
+                del model, optimizer
+                gc.collect()  # a DDP wrapper sits in reference cycles; free its buffers before the next one
     params = sum(p.numel() for p in build(model_name).parameters())
     alone = {TORCH: allreduce_ms(comms["gloo"], "native", params, steps)}
     # gloo first: torch's DDP keeps the gloo group, and its worker threads, alive into interpreter teardown, where
@@ -142,24 +149,32 @@ def worker(out: Path, model_name: str, rounds: int, steps: int, only: list[str] 
     rows = []
     for impl, samples in times.items():
         median = statistics.median(samples)
-        rows.append(
-            {
-                "ranks": comm.size,
-                "impl": impl,
-                "model": model_name,
-                "params": params,
-                "batch_per_rank": per_rank,
-                "median_ms": median * 1e3,
-                "min_ms": min(samples) * 1e3,
-                "max_ms": max(samples) * 1e3,
-                "samples_per_s": GLOBAL_BATCH[model_name] / median,
-                "exposed_comm_ms": (median - compute) * 1e3,
-                "allreduce_ms": alone.get(impl),
-            }
-        )
+        row = {
+            "ranks": comm.size,
+            "impl": impl,
+            "model": model_name,
+            "params": params,
+            "batch_per_rank": per_rank,
+            "median_ms": median * 1e3,
+            "min_ms": min(samples) * 1e3,
+            "max_ms": max(samples) * 1e3,
+            "samples_per_s": GLOBAL_BATCH[model_name] / median,
+            "exposed_comm_ms": (median - compute) * 1e3,
+            "allreduce_ms": alone.get(impl),
+        }
+        if impl.startswith("distrib"):  # every rank goes through the same rows, so the maxima meet
+            row |= _breakdown(comm, parts[impl])
+        rows.append(row)
     if comm.rank == 0:
         out.write_text(json.dumps(rows))
     comm.barrier()  # nobody tears its connections down while a peer still uses them
+
+
+def _breakdown(comm, steps: list[dict[str, float]]) -> dict[str, float]:
+    """Each part's median over the timed steps, the largest over the ranks (the slowest rank sets the step)."""
+    mine = torch.tensor([statistics.median(step[f] for step in steps) for f in FIELDS], dtype=torch.float64)
+    largest = comm.allreduce(mine, op="max")
+    return {f"{f}_ms": float(v) for f, v in zip(FIELDS, largest)}
 
 
 def drive(model: str, ranks: list[int], rounds: int, steps: int, threads: int, only: list[str] | None) -> list[dict]:
@@ -241,6 +256,9 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.threads} thread(s) per rank, {args.rounds * args.steps} timed steps (slowest rank)"
     )
     print_table(title, rows, COLUMNS)
+    for n in args.ranks:
+        mine = [r for r in rows if r["ranks"] == n and r["impl"].startswith("distrib")]
+        print_table(f"Where distrib's step goes at {n} rank(s), ms a step (benchmarks/ddp_breakdown.py)", mine, PARTS)
     settings = {"ranks": args.ranks, "rounds": args.rounds, "steps": args.steps, "threads": args.threads}
     settings |= {"model": args.model, "global_batch": GLOBAL_BATCH[args.model], "optimizer": "SGD"}
     settings |= {"widths": WIDTHS} if args.model == "mlp" else {"gpt": gpt.describe(args.model)}
