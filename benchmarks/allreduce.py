@@ -1,13 +1,16 @@
 """How fast is each allreduce? Every algorithm on every backend that runs here, timed like nccl-tests, checked.
 
     python -m launch -n 4 -- python -m benchmarks.allreduce [--max-size 1G] [--dtypes float32 bfloat16]
-        [--json FILE] [--plot FILE.png]
+        [--verify off fingerprint] [--rounds 5] [--json FILE] [--plot FILE.png]
 
 Under mpirun the MPI communicator and a gloo one (met through MPI) run side by side in one process, so both are
 measured in the same run; under torchrun, gloo or NCCL alone. Calls are separated by a barrier, each checked
 against the exact sum; a call's time is the slowest rank's. Columns as nccl-tests: algbw = bytes / time, busbw =
 algbw * 2(n-1)/n. vs_peer: the backend library's own allreduce called directly (mpi4py's Allreduce,
 torch.distributed.all_reduce), its time over this row's; of_copy: busbw over this host's memory-copy bandwidth.
+--verify measures each algorithm under each check of the ranks' calls (distrib.comm.verify.MODES; default: the
+one DISTRIB_VERIFY sets); vs_off is then a row's time over the same algorithm's with the check off, the median
+of its ratios over --rounds rounds, each round measuring every subject once, in alternating order.
 """
 
 from __future__ import annotations
@@ -28,14 +31,15 @@ import torch
 
 import distrib
 from benchmarks.common import human_bytes, machine, parse_bytes, print_table, save_figure, subplots
+from distrib.comm.verify import MODES
 from distrib.env import read_world
 
 PEER = "peer"  # the algorithm name of the library's own allreduce, called without distrib
 DTYPES = {name: getattr(torch, name) for name in ("float32", "float64", "float16", "bfloat16", "int32", "int64")}
 COPY_BYTES = 64 << 20  # far past any cache, so copies run at memory speed
-COLUMNS = {"backend": "", "algorithm": "", "size": "", "count": "d", "dtype": "", "time_us": ".1f"}
+COLUMNS = {"backend": "", "algorithm": "", "verify": "", "size": "", "count": "d", "dtype": "", "time_us": ".1f"}
 COLUMNS |= {"min_us": ".1f", "max_us": ".1f", "algbw_gbps": ".2f", "busbw_gbps": ".2f", "vs_peer": ".2f"}
-COLUMNS |= {"of_copy": ".2f"}
+COLUMNS |= {"of_copy": ".2f", "vs_off": ".3f"}
 
 COLORS = {PEER: "black", "naive": "tab:blue", "ring": "tab:orange", "native": "tab:green", "shm": "tab:red"}
 LINES = {"mpi": "-", "gloo": "--", "nccl": "-."}  # plots: a color per algorithm, a line style per backend
@@ -77,19 +81,23 @@ def peer(comm: distrib.Communicator, dtype: torch.dtype) -> Call | None:
     return lambda t: dist.all_reduce(t)
 
 
-def subjects(comms: dict, backends: list[str], algorithms: list[str], dtype: torch.dtype) -> dict[tuple, Call]:
-    """(backend, algorithm) -> a call that reduces a tensor in place, for every pair that runs here."""
+def subjects(
+    comms: dict, backends: list[str], algorithms: list[str], checks: list[str], dtype: torch.dtype
+) -> dict[tuple, Call]:
+    """(backend, algorithm, check) -> a call that reduces a tensor in place, for every one that runs here (the
+    peer's check is "-": distrib checks nothing there)."""
     calls: dict[tuple, Call] = {}
     for backend in backends:
         comm = comms[backend]
         if (call := peer(comm, dtype)) is not None:
-            calls[backend, PEER] = call
+            calls[backend, PEER, "-"] = call
         for algorithm in algorithms:
             try:
                 comm.check_algorithm(algorithm)
             except ValueError:
                 continue  # e.g. shm on gloo: not an algorithm this backend has
-            calls[backend, algorithm] = lambda t, comm=comm, algorithm=algorithm: comm.allreduce(t, algorithm=algorithm)
+            for check in checks:
+                calls[backend, algorithm, check] = lambda t, c=comm, a=algorithm: c.allreduce(t, algorithm=a)
     return calls
 
 
@@ -146,11 +154,13 @@ def measure(comms: dict, calls: dict, nbytes: int, dtype: torch.dtype, warmup: i
     total = n * (n + 1) // 2  # rank r contributes (r+1) * pattern, small integers every dtype sums exactly
     exact = 3 * total <= (2 / torch.finfo(dtype).eps if dtype.is_floating_point else torch.iinfo(dtype).max)
     data = {}
-    for device in {device_of(backend) for backend, _ in calls}:
+    for device in {device_of(backend) for backend, _, _ in calls}:
         pattern = (torch.arange(count, device=device) % 3 + 1).to(dtype)
         data[device] = (pattern, pattern * total, torch.empty_like(pattern))
     times: dict[tuple, list] = {key: [] for key in calls}
-    for backend, algorithm in calls:
+    for backend, algorithm, check in calls:
+        if check != "-":
+            comms[backend].verify = check  # on every rank: subjects run in the same order everywhere
         for i in range(warmup + iters):
             device = device_of(backend)
             pattern, expected, t = data[device]
@@ -158,7 +168,7 @@ def measure(comms: dict, calls: dict, nbytes: int, dtype: torch.dtype, warmup: i
             sync(device)
             barrier(comms[backend])()
             start = time.perf_counter()
-            calls[backend, algorithm](t)
+            calls[backend, algorithm, check](t)
             sync(device)
             elapsed = time.perf_counter() - start
             ok = torch.equal(t, expected) if exact else torch.allclose(t, expected, rtol=n * torch.finfo(dtype).eps)
@@ -169,43 +179,72 @@ def measure(comms: dict, calls: dict, nbytes: int, dtype: torch.dtype, warmup: i
                     f"is {t[wrong].item()}, expected {expected[wrong].item()}"
                 )
             if i >= warmup:
-                times[backend, algorithm].append(elapsed)
+                times[backend, algorithm, check].append(elapsed)
     return slowest(main, times)
 
 
-def rows(times: dict[tuple, list], nbytes: int, dtype: torch.dtype, n: int, limits: dict[str, float]) -> list[dict]:
-    """One row per subject: nccl-tests' columns, the ratio to its backend's peer, and to the copy bandwidth."""
+def rows(rounds: list[dict[tuple, list]], nbytes: int, dtype: torch.dtype, n: int, limits: dict) -> list[dict]:
+    """One row per subject, over every round: nccl-tests' columns, the ratio to its backend's peer, to the copy
+    bandwidth, and (vs_off) to the same algorithm without the check, the median of the rounds' ratios."""
     out = []
-    for (backend, algorithm), seconds in times.items():
+    for key in rounds[0]:
+        backend, algorithm, check = key
+        seconds = [s for times in rounds for s in times[key]]
         median = statistics.median(seconds)
         algbw = nbytes / median / 1e9
         busbw = algbw * 2 * (n - 1) / n
-        row = {"backend": backend, "algorithm": algorithm, "ranks": n, "bytes": nbytes, "size": human_bytes(nbytes)}
-        row |= {"count": nbytes // dtype.itemsize, "dtype": str(dtype).removeprefix("torch."), "time_us": median * 1e6}
-        row |= {"min_us": min(seconds) * 1e6, "max_us": max(seconds) * 1e6, "calls": len(seconds)}
-        row |= {"algbw_gbps": algbw, "busbw_gbps": busbw, "of_copy": busbw / limits[device_of(backend).type]}
-        if (backend, PEER) in times:
-            row["vs_peer"] = statistics.median(times[backend, PEER]) / median
+        row = {"backend": backend, "algorithm": algorithm, "verify": check, "ranks": n, "bytes": nbytes}
+        row |= {
+            "size": human_bytes(nbytes),
+            "count": nbytes // dtype.itemsize,
+            "dtype": str(dtype).removeprefix("torch."),
+        }
+        row |= {"time_us": median * 1e6, "min_us": min(seconds) * 1e6, "max_us": max(seconds) * 1e6}
+        row |= {"calls": len(seconds), "algbw_gbps": algbw, "busbw_gbps": busbw}
+        row["of_copy"] = busbw / limits[device_of(backend).type]
+        if (peer_key := (backend, PEER, "-")) in rounds[0]:
+            row["vs_peer"] = statistics.median(s for times in rounds for s in times[peer_key]) / median
+        if check not in ("-", "off") and (off := (backend, algorithm, "off")) in rounds[0]:
+            ratios = [statistics.median(times[key]) / statistics.median(times[off]) for times in rounds]
+            row["vs_off"], row["vs_off_rounds"] = statistics.median(ratios), ratios
         out.append(row)
     return out
 
 
 def plot(rows: list[dict], limits: dict[str, float], title: str, path: Path) -> None:
-    """busbw against size, one line per backend and algorithm, log-log, with the copy bandwidth drawn across."""
-    fig, ax = subplots(figsize=(9, 5.5))
+    """busbw against size, one line per backend and algorithm, log-log, with the copy bandwidth drawn across; with
+    --verify, a second panel: each algorithm's time with the check over its time without (vs_off)."""
+    checked = [r for r in rows if "vs_off" in r]
+    fig, axes = subplots(1, 2 if checked else 1, figsize=(15 if checked else 9, 5.5), squeeze=False)
+    ax, sizes = axes[0][0], sorted({r["bytes"] for r in rows})
     for dtype in dict.fromkeys(r["dtype"] for r in rows):
-        for backend, algorithm in dict.fromkeys((r["backend"], r["algorithm"]) for r in rows):
-            mine = [r for r in rows if (r["backend"], r["algorithm"], r["dtype"]) == (backend, algorithm, dtype)]
+        for subject in dict.fromkeys((r["backend"], r["algorithm"], r["verify"]) for r in rows):
+            mine = [r for r in rows if (r["backend"], r["algorithm"], r["verify"], r["dtype"]) == (*subject, dtype)]
+            backend, algorithm, check = subject
             label = f"{backend} {algorithm}" + (f" {dtype}" if dtype != "float32" else "")
+            label += f" (check {check})" if check not in ("-", MODES[0]) else ""
             style = {"color": COLORS[algorithm], "linestyle": LINES.get(backend, ":"), "marker": "o", "label": label}
+            style["alpha"] = 0.4 if check == "off" else 1.0
             ax.loglog([r["bytes"] for r in mine], [r["busbw_gbps"] for r in mine], **style)
     for device, gbps in limits.items():
         ax.axhline(gbps, linestyle="--", color="gray", label=f"{device} memory copy (read+write)")
-    sizes = sorted({r["bytes"] for r in rows})
     ax.set_xticks(sizes, [human_bytes(s) for s in sizes])
     ax.set(xlabel="bytes per rank", ylabel="busbw (GB/s), median", title=title)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=7, loc="best")
     ax.grid(True, which="both", alpha=0.3)
+    if checked:
+        ax = axes[0][1]
+        for subject in dict.fromkeys((r["backend"], r["algorithm"], r["verify"], r["dtype"]) for r in checked):
+            mine = [r for r in checked if (r["backend"], r["algorithm"], r["verify"], r["dtype"]) == subject]
+            style = {"color": COLORS[subject[1]], "linestyle": LINES.get(subject[0], ":"), "marker": "o"}
+            ax.semilogx([r["bytes"] for r in mine], [r["vs_off"] for r in mine], label=" ".join(subject[:3]), **style)
+        ax.axhline(1.03, linestyle="--", color="gray", label="+3%")
+        ax.axhline(1.0, color="black", linewidth=0.5)
+        ax.set_xticks(sizes, [human_bytes(s) for s in sizes])
+        ax.set(xlabel="bytes per rank", ylabel="time with the check / without (median of rounds)")
+        ax.set_title("what checking every call costs")
+        ax.legend(fontsize=7, loc="best")
+        ax.grid(True, which="both", alpha=0.3)
     save_figure(fig, path)
 
 
@@ -218,6 +257,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--algorithms", nargs="+", choices=distrib.ALGORITHMS, default=list(distrib.ALGORITHMS))
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per subject and size")
     parser.add_argument("--iters", type=int, default=10, help="timed calls (more for small sizes, up to 20x)")
+    parser.add_argument("--verify", nargs="+", choices=MODES, help="the checks of the ranks' calls to compare")
+    parser.add_argument("--rounds", type=int, default=1, help="times every subject is measured, in alternating order")
     parser.add_argument("--json", type=Path, help="write every row and the settings here")
     parser.add_argument("--plot", type=Path, help="draw busbw against size here (PNG)")
     return parser
@@ -225,8 +266,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
-    if args.warmup < 1 or args.iters < 1:
-        raise SystemExit(f"--warmup and --iters must be at least 1, got {args.warmup} and {args.iters}")
+    if args.warmup < 1 or args.iters < 1 or args.rounds < 1:
+        raise SystemExit(
+            f"--warmup, --iters and --rounds must be at least 1, got {args.warmup}, {args.iters} and {args.rounds}"
+        )
     sizes = args.sizes or [4 << (2 * k) << 10 for k in range(16) if 4 << (2 * k) << 10 <= args.max_size]
     world = read_world()
     backends = args.backends or (["mpi", "nccl" if torch.cuda.is_available() else "gloo"] if world.is_mpi else [])
@@ -266,24 +309,38 @@ def main(argv: list[str] | None = None) -> None:
     table = []
     for name in args.dtypes:
         dtype = DTYPES[name]
-        calls = subjects(comms, backends, args.algorithms, dtype)
+        calls = subjects(comms, backends, args.algorithms, args.verify or [main.verify], dtype)
         for nbytes in sizes:
             if nbytes < dtype.itemsize:
                 continue
             iters = max(args.iters, min(20 * args.iters, (16 << 20) // nbytes))
-            size_rows = rows(measure(comms, calls, nbytes, dtype, args.warmup, iters), nbytes, dtype, n, limits)
+            rounds = []
+            for r in range(args.rounds):  # alternating order, so that drifting load falls on every subject alike
+                order = dict(calls.items() if r % 2 == 0 else reversed(calls.items()))
+                rounds.append(measure(comms, order, nbytes, dtype, args.warmup, iters))
+            size_rows = rows(rounds, nbytes, dtype, n, limits)
             if main.rank == 0:
-                print_table(f"{human_bytes(nbytes)} {name}, {iters} timed calls", size_rows, COLUMNS)
+                print_table(f"{human_bytes(nbytes)} {name}, {args.rounds} x {iters} timed calls", size_rows, COLUMNS)
             table += size_rows
     order = [PEER, *distrib.ALGORITHMS]
-    table.sort(key=lambda r: (r["dtype"], backends.index(r["backend"]), order.index(r["algorithm"]), r["bytes"]))
+    checks = ["-", *MODES]
+    table.sort(
+        key=lambda r: (
+            r["dtype"],
+            backends.index(r["backend"]),
+            order.index(r["algorithm"]),
+            checks.index(r["verify"]),
+            r["bytes"],
+        )
+    )
     if main.rank != 0:
         return
     print_table(f"all rows, {n} ranks (times in us, bandwidths in GB/s)", table, COLUMNS)
     result = {"date": stamp, "command": command, "ranks": n, "hosts": len(set(hosts)), "machine": info}
     result |= {"copy_gbps": limits, "copy_one_rank_gbps": alone, "oversubscribed": oversubscribed}
     result |= {"load_average": {"start": load, "end": os.getloadavg()[0] if load is not None else None}}
-    result |= {"settings": {"warmup": args.warmup, "iters": args.iters, "sizes": sizes}, "rows": table}
+    result |= {"settings": {"warmup": args.warmup, "iters": args.iters, "rounds": args.rounds, "sizes": sizes}}
+    result["rows"] = table
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1) + "\n")

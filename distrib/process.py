@@ -13,7 +13,11 @@ Process-wide, because a process is one rank of one job:
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
@@ -21,11 +25,13 @@ from typing import Any
 
 import torch
 
-from distrib.comm import Communicator
+from distrib.comm import CollectiveError, Communicator
+from distrib.comm.contract import check_timeout, env_timeout
 from distrib.device import choose
 from distrib.env import LaunchError, World, read_world
 
 BACKENDS = ("mpi", "gloo", "nccl", "local")
+CULPRIT_FIRST = 1.0  # seconds before ending a stuck rank, and after: torchrun looks every 0.1 s
 TORCH_PORT = 29500  # torch's default MASTER_PORT (and torchrun's --master-port), when the launcher sets none
 
 
@@ -61,6 +67,8 @@ def init(backend: str | None = None, *, timeout: float | None = None, algorithm:
     timeout: seconds any collective may wait for a peer (DISTRIB_TIMEOUT, else 300).
     algorithm: the algorithm used when a call names none, one of distrib.ALGORITHMS.
     """
+    if timeout is not None:  # before anything starts: a NaN must not reach torch ("cannot convert float NaN")
+        timeout = check_timeout(timeout, "distrib.init(timeout={!r})")
     if STATE.comm is not None:
         if backend not in (None, STATE.comm.backend):
             raise RuntimeError(
@@ -68,6 +76,7 @@ def init(backend: str | None = None, *, timeout: float | None = None, algorithm:
                 "call distrib.init() once per process"
             )
         return STATE.comm
+    timeout = env_timeout() if timeout is None else timeout
     if backend is None:  # a script that started torch.distributed itself: distrib goes over the group it made
         from distrib.comm.torch_dist import started_group
 
@@ -131,20 +140,47 @@ def _torch(backend: str, world: World, timeout: float | None, algorithm: str) ->
 
 
 def _take_job_down_on_failure(world: World) -> None:
-    """Report an unhandled exception once, naming this rank, then end the whole job (see the module docstring)."""
+    """Report an unhandled exception once, naming this rank, then end the whole job (see the module docstring).
+
+    When it is a failed collective whose report names the ranks at fault, the first line names them, so that neither the
+    reader nor the launcher blames a healthy rank; under torchrun those that are stuck on this host are ended
+    first, a moment before this rank, so that torchrun's "root cause" is theirs (it names the first to fail).
+    """
 
     def hook(kind, value, tb) -> None:
         err = sys.__stderr__  # the real stream: wrappers (torch.distributed's) may buffer sys.stderr
+        culprits = value.culprits if isinstance(value, CollectiveError) else ()
+        if culprits:
+            header = (
+                f"distrib: rank(s) {list(culprits)} of {world.size} stopped the job: rank {world.rank} gave up "
+                "waiting for them (the report below says where each rank is); the job is going down\n"
+            )
+        else:
+            header = f"distrib: rank {world.rank} of {world.size} failed; the job is going down\n"
         # One write: line by line, the launcher could kill the job after forwarding the first line only.
-        header = f"distrib: rank {world.rank} of {world.size} failed; the job is going down\n"
         err.write(header + "".join(traceback.format_exception(kind, value, tb)))
         err.flush()
         if world.is_mpi:
             from distrib.comm.mpi import abort_job
 
             abort_job()
+        elif world.launcher == "torchrun" and culprits:
+            _end_first(value.stuck_pids)
 
     sys.excepthook = hook
+
+
+def _end_first(pids: tuple[int, ...]) -> None:
+    """SIGKILL the stuck ranks of this host, then give torchrun time to see them go before this rank does.
+
+    A pause first, for the other survivors to write their reports while the stuck ranks are as they were."""
+    if pids:
+        time.sleep(CULPRIT_FIRST)
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    if pids:
+        time.sleep(CULPRIT_FIRST)
 
 
 def init_process_group(
@@ -178,6 +214,8 @@ def init_process_group(
                 f"{name}={given}, but the launcher ({world.launcher}) made this process's {name} {actual}; omit it"
             )
     seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+    if seconds is not None:
+        seconds = check_timeout(seconds, "init_process_group(timeout={!r})")  # a timedelta: its seconds
     comm = init(backend, timeout=seconds, algorithm=algorithm)
     if comm.backend in ("mpi", "local") and STATE.torch_group is None:
         from distrib.comm.torch_dist import TorchCommunicator, rendezvous

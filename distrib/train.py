@@ -190,7 +190,7 @@ def _train(
         except distrib.CollectiveError as error:
             lost = peers.describe_lost()
             if lost:
-                raise type(error)(f"{error}; {lost}") from None
+                raise type(error)(f"{error}; {lost}", error.culprits, error.stuck_pids) from None
             raise
         finally:
             if report is not None:

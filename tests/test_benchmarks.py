@@ -39,10 +39,35 @@ def test_allreduce_benchmark_at_two_ranks(tmp_path):
         assert r["of_copy"] == pytest.approx(r["busbw_gbps"] / copy), r
 
 
+def test_allreduce_benchmark_compares_the_call_check_on_and_off(tmp_path):
+    """--verify off fingerprint: each algorithm measured both ways in each of --rounds rounds; vs_off is the median
+    of the rounds' ratios of the check's time to the time without it."""
+    out = tmp_path / "rows.json"
+    args = ["-m", "benchmarks.allreduce", "--backends", "mpi", "--algorithms", "native", "ring", "--sizes", "64K"]
+    args += ["--iters", "5", "--warmup", "1", "--verify", "off", "fingerprint", "--rounds", "3", "--json", str(out)]
+    result = run_ranks("mpiexec", 2, args, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    data = json.loads(out.read_text())
+    rows = {(r["algorithm"], r["verify"]): r for r in data["rows"]}
+    assert set(rows) == {
+        ("peer", "-"),
+        ("native", "off"),
+        ("native", "fingerprint"),
+        ("ring", "off"),
+        ("ring", "fingerprint"),
+    }
+    assert data["settings"]["rounds"] == 3
+    for algorithm in ("native", "ring"):
+        on, off = rows[algorithm, "fingerprint"], rows[algorithm, "off"]
+        assert on["calls"] == off["calls"] == 3 * 5 * 20  # small sizes take up to 20x --iters calls
+        assert len(on["vs_off_rounds"]) == 3 and on["vs_off"] == pytest.approx(sorted(on["vs_off_rounds"])[1])
+        assert "vs_off" not in off and 0.2 < on["vs_off"] < 5, on
+
+
 def test_allreduce_benchmark_refuses_bad_arguments():
     result = run([sys.executable, "-m", "benchmarks.allreduce", "--sizes", "4K", "--iters", "0"], timeout=120)
     assert result.returncode != 0
-    assert "--warmup and --iters must be at least 1, got 2 and 0" in result.stderr
+    assert "--warmup, --iters and --rounds must be at least 1, got 2, 0 and 1" in result.stderr
 
 
 def test_ddp_benchmark_at_one_and_two_ranks(tmp_path):

@@ -27,7 +27,7 @@ BAD = [
     (["--seed", "99999999999999999999999"], "argument --seed: must be a whole number >= 0 and < 2**63, got '9999"),
     (["--backend", "tcp"], "argument --backend: invalid choice: 'tcp'"),
     (["--allreduce", "tree"], "argument --allreduce: invalid choice: 'tree'"),
-    (["--timeout", "0"], "argument --timeout: must be a positive float"),
+    (["--timeout", "0"], "argument --timeout: '0' is not a deadline"),
     (["--task", "imagenet"], "argument --task: unknown task 'imagenet': use one of classify"),
     (["--task", "no_such_module:make"], "argument --task: task 'no_such_module:make': cannot import"),
     (["--task", "distrib.tasks:no_such_factory"], "has no callable 'no_such_factory'"),

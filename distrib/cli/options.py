@@ -17,6 +17,8 @@ from typing import NoReturn
 from distrib import tasks
 from distrib.cli.optim import OPTIMIZERS, SCHEDULES
 from distrib.comm import ALGORITHMS
+from distrib.comm.contract import check_timeout, env_timeout
+from distrib.comm.verify import mode_from_env as verify_mode
 from distrib.device import DEVICES, PRECISIONS
 from distrib.env import LaunchError, read_world
 from distrib.process import BACKENDS
@@ -112,6 +114,13 @@ def _resume(text: str) -> Path | str:
     return AUTO if text == AUTO else Path(text)
 
 
+def _deadline(text: str) -> float:
+    try:
+        return check_timeout(text, "{!r}")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def parser(description: str | None = None) -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     builtin = ", ".join(tasks.BUILTIN)
@@ -128,7 +137,7 @@ def parser(description: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_whole(MAX_SEED), default=0)
     p.add_argument("--backend", choices=BACKENDS, default=None, help="default: from the launcher")
     p.add_argument("--allreduce", choices=ALGORITHMS, default="native", help="the gradient allreduce")
-    p.add_argument("--timeout", type=_positive(float), default=None, help="seconds a collective waits for a peer")
+    p.add_argument("--timeout", type=_deadline, default=None, help="seconds a collective waits for a peer")
     p.add_argument("--zero-offload", action="store_true", help="ZeRO-Offload: sharded Adam(W) steps on the CPU")
     p.add_argument(
         "--data", type=Path, default=None, help="classify: (inputs, labels) from torch.save; lm: UTF-8 text or a dir"
@@ -172,6 +181,12 @@ def parse(argv: list[str] | None, description: str | None = None) -> tuple[argpa
         with_task = parser(description)
         with_task.set_defaults(**defaults)
         args = with_task.parse_args(argv)
+    try:  # said here, as one line, rather than where the communicator starts
+        verify_mode()
+        if args.timeout is None:
+            env_timeout()
+    except ValueError as error:
+        fail(str(error))
     if args.resume is True and args.out is None:
         fail("argument --resume: name the run to continue, as --out RUN_DIR or --resume RUN_DIR")
     if args.resume == AUTO and args.out is None:

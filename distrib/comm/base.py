@@ -1,27 +1,28 @@
 """The Communicator: rank, size, point-to-point, and the collectives the rest of distrib is written against.
 
 A transport (transport.py) implements point-to-point calls and the library's own ("native") collectives. Everything
-else lives here once: argument checks, the cross-rank shape check, staging of tensors a transport cannot touch
-directly, the algorithm looked up in algorithms.TABLE, and asynchronous handles from the engine thread.
+else lives here once: argument checks, staging of tensors a transport cannot touch directly, the algorithm looked up
+in algorithms.TABLE, asynchronous handles from the engine thread, and around every collective the flight recorder
+(flight.py: each call numbered and recorded where peers can read it), the check that every rank makes the same call
+(verify.py), and the report of a wait that times out (stuck.py).
 """
 
 from __future__ import annotations
 
-import os
 import pickle
 import time
-import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
-from distrib.comm.algorithms import ALGORITHMS, TABLE, naive_allgather_
-from distrib.comm.contract import CollectiveError, check_tensor, env_timeout
+from distrib.comm import stuck, verify
+from distrib.comm.algorithms import ALGORITHMS, TABLE
+from distrib.comm.contract import CollectiveTimeout, check_tensor, check_timeout, env_timeout
 from distrib.comm.engine import Engine, Handle, observed
+from distrib.comm.flight import Board, open_board
+from distrib.comm.mirror import Mirror
 from distrib.comm.transport import Transport
-
-VERIFY_CALLS = 8  # the first collectives of each communicator check shapes across ranks (DISTRIB_VERIFY=all: every one)
 
 
 class Communicator(Transport):
@@ -31,12 +32,14 @@ class Communicator(Transport):
     def __init__(self, rank: int, size: int, *, timeout: float | None = None, algorithm: str = "native") -> None:
         self.rank = rank
         self.size = size
-        self.timeout = env_timeout() if timeout is None else float(timeout)
-        if self.timeout <= 0:
-            raise ValueError(f"timeout must be positive seconds, got {timeout}")
+        self.timeout = (
+            env_timeout() if timeout is None else check_timeout(timeout, f"{type(self).__name__}(timeout={{!r}})")
+        )
         self.algorithm = self.check_algorithm(algorithm)
         self.device = torch.device("cpu")  # where object collectives stage their bytes
-        self._verify_left = -1 if os.environ.get("DISTRIB_VERIFY") == "all" else VERIFY_CALLS
+        self.verify = verify.mode_from_env()  # the check that ranks make the same call: verify.MODES
+        self._seq = 0  # the number of the collective this rank entered last
+        self._board: Board | None = None  # the flight recorder, once the transport can carry open_flight's traffic
         self._engine = Engine(f"distrib-{self.backend}-rank{rank}")
         # The torch.distributed ProcessGroup over the same ranks, for torch's own utilities that take one (Join,
         # torch's comm hooks); None where none exists (an MPI communicator started by distrib.init() alone).
@@ -82,7 +85,6 @@ class Communicator(Transport):
         algorithm = self.check_algorithm(algorithm or self.algorithm)
 
         def job() -> torch.Tensor:
-            self._verify("allreduce", t, op, algorithm)
             if self.size == 1 or t.numel() == 0:
                 return t
             work = self._staged(t, host=algorithm == "shm")
@@ -95,7 +97,7 @@ class Communicator(Transport):
             return t
 
         nbytes = t.numel() * t.element_size()
-        return self._run(job, async_op, "allreduce", label, op=op, algorithm=algorithm, bytes=nbytes)
+        return self._run(job, async_op, "allreduce", label, t, op=op, algorithm=algorithm, bytes=nbytes)
 
     def reduce_scatter(
         self,
@@ -119,7 +121,6 @@ class Communicator(Transport):
             )
 
         def job() -> torch.Tensor:
-            self._verify("reduce_scatter", t, op, algorithm)
             if self.size == 1:
                 return t
             work = self._staged(t, host=algorithm == "shm")
@@ -129,7 +130,7 @@ class Communicator(Transport):
             return shard.view(t.shape[0] // self.size, *t.shape[1:]).to(t.device)
 
         nbytes = t.numel() * t.element_size()
-        return self._run(job, async_op, "reduce_scatter", label, op=op, algorithm=algorithm, bytes=nbytes)
+        return self._run(job, async_op, "reduce_scatter", label, t, op=op, algorithm=algorithm, bytes=nbytes)
 
     def allgather(
         self,
@@ -153,7 +154,6 @@ class Communicator(Transport):
             )
 
         def job() -> torch.Tensor:
-            self._verify("allgather", t, "", algorithm)
             work = self._staged(out, copy_in=False, host=algorithm == "shm")
             flat = work.view(-1)
             part = t.numel()
@@ -167,7 +167,7 @@ class Communicator(Transport):
             return out
 
         nbytes = out.numel() * out.element_size()
-        return self._run(job, async_op, "allgather", label, algorithm=algorithm, bytes=nbytes)
+        return self._run(job, async_op, "allgather", label, t, algorithm=algorithm, bytes=nbytes)
 
     def broadcast(
         self, t: torch.Tensor, root: int = 0, async_op: bool = False, *, label: Mapping[str, Any] | None = None
@@ -178,7 +178,6 @@ class Communicator(Transport):
             raise ValueError(f"broadcast root {root} is not a rank of a world of size {self.size}")
 
         def job() -> torch.Tensor:
-            self._verify("broadcast", t, str(root), "native")
             if self.size == 1 or t.numel() == 0:
                 return t
             work = self._staged(t, copy_in=self.rank == root)
@@ -187,7 +186,8 @@ class Communicator(Transport):
                 t.copy_(work)
             return t
 
-        return self._run(job, async_op, "broadcast", label, root=root, bytes=t.numel() * t.element_size())
+        nbytes = t.numel() * t.element_size()
+        return self._run(job, async_op, "broadcast", label, t, op=f"root {root}", root=root, bytes=nbytes)
 
     def barrier(self, async_op: bool = False) -> None | Handle:
         """Return once every rank has called barrier (or raise CollectiveTimeout)."""
@@ -214,9 +214,33 @@ class Communicator(Transport):
             raise ValueError(f"algorithm 'shm' {why}; use 'ring' or 'native'")
         return algorithm
 
+    def open_flight(self) -> None:
+        """Start the flight recorder: collective, the last step of a transport's __init__ (verify.py, flight.py)."""
+        if self.size > 1:
+            board = open_board(self)  # its own collectives go unrecorded: the board is not ours until the end
+            if board is None or not board.whole:  # the same on every rank: _flight_store may be collective
+                store = self._flight_store()
+                if board is not None and store is not None:
+                    board.mirror = Mirror(store, f"distrib-flight/{board.token}")
+            if board is not None and not self.spins:  # the library's threads need the cores: sleep, not spin
+                board.tries, board.wakes = min(board.tries, 1), True
+            self._board, self._seq = board, 0  # on every rank: the user's first collective is call #1
+
+    def _flight_store(self) -> Any:
+        """A key-value store (torch.distributed's) every rank reaches, for the recorder across hosts; None: none."""
+        return None
+
     def _run(
-        self, job: Callable[[], Any], async_op: bool, name: str, label: Mapping[str, Any] | None = None, **info: Any
+        self,
+        job: Callable[[], Any],
+        async_op: bool,
+        name: str,
+        label: Mapping[str, Any] | None = None,
+        t: torch.Tensor | None = None,
+        **info: Any,
     ) -> Any:
+        if self.size > 1:
+            job = verify.checked(self, job, name, label, t, info.get("op", ""), info.get("algorithm", ""))
         if self.observer is not None:
             job = observed(job, self.observer, name, {**info, **(label or {})})
         if self._engine.on_its_thread():  # called back by a finished collective (a hook's future): run it now,
@@ -230,6 +254,16 @@ class Communicator(Transport):
             finally:
                 self._engine.blocked_ns += time.perf_counter_ns() - start
         return self._engine.submit(job).wait()  # queued behind earlier async work, to keep the order
+
+    def _timeout(self, what: str, missing: list[int]) -> CollectiveTimeout:
+        return stuck.report(self, what, missing)  # the flight recorder's account of who is where
+
+    def _plain_timeout(self, what: str, missing: list[int]) -> CollectiveTimeout:
+        return super()._timeout(what, missing)
+
+    def _close_flight(self) -> None:
+        if self._board is not None:
+            self._board.close()
 
     def _allgather_object(self, obj: Any) -> list[Any]:
         if self.size == 1:
@@ -247,20 +281,3 @@ class Communicator(Transport):
             pickle.loads(everyone[r * width : r * width + int(n)].numpy().tobytes())
             for r, n in enumerate(lengths.tolist())
         ]
-
-    def _verify(self, name: str, t: torch.Tensor, op: str, algorithm: str) -> None:
-        """Check that every rank calls the same collective on the same shape and dtype, else fail on all."""
-        if self._verify_left == 0 or self.size == 1:
-            return
-        if self._verify_left > 0:
-            self._verify_left -= 1
-        desc = f"{name}(op={op!r}, algorithm={algorithm!r}) on {t.dtype} {tuple(t.shape)}"
-        prints = torch.zeros(self.size, dtype=torch.int64, device=self.device)
-        prints[self.rank] = zlib.crc32(desc.encode())
-        # Through rank 0, point to point: a rank that never arrives is named in the timeout.
-        naive_allgather_(self, self._array(prints), f"{name}: cross-rank check")
-        if bool((prints == prints[0]).all()):
-            return
-        descs = self._allgather_object(desc)
-        lines = "; ".join(f"rank {r}: {d}" for r, d in enumerate(descs))
-        raise CollectiveError(f"collective calls differ across ranks ({lines}); every rank must call the same")

@@ -1,10 +1,14 @@
 """What every collective call agrees to: the reductions and dtypes there are, what the Python algorithms work on,
-how a flat array is split between ranks, the default deadline, and the errors raised when a call or a peer breaks
-the agreement."""
+how a flat array is split between ranks, the deadline and how waits keep it, the errors raised when a call or a
+peer breaks the agreement, and what a call is (its description and fingerprint, equal on ranks that agree)."""
 
 from __future__ import annotations
 
+import math
 import os
+import time
+import zlib
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -23,28 +27,81 @@ DTYPES = (
 )
 Array = torch.Tensor | np.ndarray  # what the Python algorithms work on: a tensor, or a numpy view of a CPU one
 DEFAULT_TIMEOUT = 300.0  # seconds; generous for big models on slow links, DISTRIB_TIMEOUT overrides
+CHECK_EVERY = 32  # polls between looks at the clock
+SPIN_SECONDS = 2e-4  # poll without yielding this long: on a busy host one yield can cost a whole time slice
+SLOW_CHECK = 0.2  # seconds between a wait's costlier looks (is a peer dead, finished?)
+MAX_TIMEOUT = 1e6  # seconds (11.6 days): a deadline must be one; torch's own turn 1e10 into garbage
 
 
 class CollectiveError(RuntimeError):
-    """A collective could not complete: tensors that differ across ranks, or a peer that failed."""
+    """A collective could not complete: tensors that differ across ranks, or a peer that failed.
+
+    `culprits`: the ranks the flight recorder found at fault (empty when it could not tell); `stuck_pids`: the
+    process ids, on this host, of those that are alive but stopped or stuck, which the job's end may take first.
+    """
+
+    def __init__(self, message: str, culprits: tuple[int, ...] = (), stuck_pids: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.culprits, self.stuck_pids = culprits, stuck_pids
 
 
 class CollectiveTimeout(CollectiveError):
     """A peer did not arrive before the deadline; the message names the collective and the ranks waited for."""
 
 
+def check_timeout(value: Any, source: str) -> float:
+    """`value` as seconds when it is a finite number in (0, MAX_TIMEOUT], else a one-line ValueError naming where
+    it came from: `source` formats the value, as "DISTRIB_TIMEOUT={!r}" or "distrib.init(timeout={!r})". NaN, inf
+    or 0 would switch the deadline off (a NaN passes `<= 0`, and `waited > nan` is never true)."""
+    try:
+        seconds = math.nan if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not 0 < seconds <= MAX_TIMEOUT:  # also false for NaN
+        raise ValueError(
+            f"{source.format(value)} is not a deadline: give a finite number of seconds above 0 and at most "
+            f"{MAX_TIMEOUT:g} (default {DEFAULT_TIMEOUT:g})"
+        )
+    return seconds
+
+
 def env_timeout() -> float:
     """The collective timeout from DISTRIB_TIMEOUT (seconds), else the default."""
     value = os.environ.get("DISTRIB_TIMEOUT")
-    if value is None:
-        return DEFAULT_TIMEOUT
-    try:
-        seconds = float(value)
-    except ValueError:
-        raise ValueError(f"DISTRIB_TIMEOUT={value!r} is not a number of seconds") from None
-    if seconds <= 0:
-        raise ValueError(f"DISTRIB_TIMEOUT={value!r} must be positive")
-    return seconds
+    return DEFAULT_TIMEOUT if value is None else check_timeout(value, "DISTRIB_TIMEOUT={!r}")
+
+
+def poll(
+    done: Callable[[], bool],
+    timeout: float,
+    crowded: bool,
+    every: Callable[[], None] | None = None,
+    pause: Callable[[], None] | None = None,
+) -> bool:
+    """Call `done` until it returns True (then True) or `timeout` seconds pass (then False).
+
+    Short waits spin: peers on other cores answer within microseconds. Long waits, and every wait when ranks
+    outnumber cores (the peer may need this core to make progress), yield the core between polls, or call `pause`
+    (which should sleep until something may have changed: on a busy host a yield can give the core away for a
+    whole time slice, milliseconds). `every`, if given, runs about every SLOW_CHECK seconds of waiting, for looks
+    too costly for each poll (it may raise to end the wait).
+    """
+    if done():
+        return True
+    start, spins, patient, slow = time.monotonic(), 0, crowded, SLOW_CHECK
+    while not done():
+        spins += 1
+        if spins % CHECK_EVERY == 0:
+            waited = time.monotonic() - start
+            if waited > timeout:
+                return False
+            patient = patient or waited > SPIN_SECONDS
+            if every is not None and waited > slow:
+                slow = waited + SLOW_CHECK
+                every()
+        if patient:
+            pause() if pause is not None else os.sched_yield()
+    return True
 
 
 def split(n: int, rank: int, parts: int) -> tuple[int, int]:
@@ -66,3 +123,17 @@ def check_tensor(t: Any, op: str) -> None:
         raise ValueError(f"op must be one of {', '.join(OPS)}; got {op!r}")
     if op == "avg" and not t.is_floating_point():
         raise ValueError(f"op='avg' needs a floating-point tensor, got {t.dtype}; use op='sum' and divide")
+
+
+def describe(name: str, t: Any, op: str, algorithm: str, label: Any) -> tuple[str, str]:
+    """(what a call is, as ranks must agree on it; its label, which they need not agree on)."""
+    signature = name
+    if t is not None:
+        dtype = str(t.dtype).removeprefix("torch.")
+        signature = f"{name}(op={op!r}, algorithm={algorithm!r}) on {dtype} {tuple(t.shape)}"
+    return signature, ", ".join(f"{k} {v}" for k, v in label.items()) if label else ""
+
+
+def fingerprint(signature: str) -> int:
+    """A 31-bit CRC of what a call is: equal on every rank that makes the same call."""
+    return zlib.crc32(signature.encode()) & 0x7FFFFFFF

@@ -16,6 +16,7 @@ import torch
 from mpi4py import MPI
 
 from distrib.comm.base import Communicator
+from distrib.comm.contract import poll
 from distrib.comm.shm import SharedMemory
 from distrib.comm.transport import Pending
 
@@ -33,8 +34,6 @@ _NUMPY = {d for d in _TYPES if d != torch.bfloat16}  # the dtypes numpy holds: t
 _NUMPY_TYPES = {torch.empty(0, dtype=d).numpy().dtype: _TYPES[d] for d in _NUMPY}
 _OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
 _HALF = (torch.float16, torch.bfloat16)
-_CHECK_EVERY = 32  # polls between looks at the clock
-_SPIN_SECONDS = 2e-4  # poll without yielding this long: on a busy host one yield can cost a whole time slice
 _ABORT_GRACE = 0.5  # seconds a failing rank gives the launcher to forward its message before aborting the job
 
 
@@ -47,27 +46,6 @@ def _buffer(t: torch.Tensor | np.ndarray) -> list:
         return [t.detach().view(torch.int16) if t.dtype in _HALF else t.detach(), _TYPES[t.dtype]]
     # A bare address is the cheapest handle for MPI (a numpy view costs a microsecond more per message).
     return [MPI.memory.fromaddress(t.data_ptr(), t.numel() * t.itemsize), _TYPES[t.dtype]]
-
-
-def poll(done: Callable[[], bool], timeout: float, crowded: bool) -> bool:
-    """Call `done` until it returns True (then True) or `timeout` seconds pass (then False).
-
-    Short waits spin: peers on other cores answer within microseconds. Long waits, and every wait when ranks
-    outnumber cores (the peer may need this core to make progress), yield the core between polls.
-    """
-    if done():
-        return True
-    start, spins, patient = time.monotonic(), 0, crowded
-    while not done():
-        spins += 1
-        if spins % _CHECK_EVERY == 0:
-            waited = time.monotonic() - start
-            if waited > timeout:
-                return False
-            patient = patient or waited > _SPIN_SECONDS
-        if patient:
-            os.sched_yield()
-    return True
 
 
 def _cores() -> set[int]:
@@ -85,6 +63,7 @@ class MPICommunicator(Communicator):
     """Collectives over an MPI communicator (a private duplicate of COMM_WORLD by default)."""
 
     backend = "mpi"
+    spins = True  # MPI progresses inside our polls
 
     def __init__(self, comm: MPI.Comm | None = None, *, timeout: float | None = None, algorithm: str = "native"):
         self._comm = (comm or MPI.COMM_WORLD).Dup()  # our traffic never matches a user's own MPI calls
@@ -95,6 +74,12 @@ class MPICommunicator(Communicator):
         self._crowded = self._host.Get_size() > len(cores)  # oversubscribed: waiting ranks must give way
         if torch.cuda.is_available() and _cuda_aware():
             self.devices = ("cpu", "cuda")
+        self.open_flight()
+
+    def _flight_store(self):  # noqa: ANN202 -- a torch.distributed TCPStore, imported only where hosts differ
+        from distrib.comm.torch_dist import rendezvous
+
+        return rendezvous(self)  # on rank 0, met through MPI: only jobs that span hosts pay for it
 
     def post(
         self, sends: Sequence[tuple[torch.Tensor, int]] = (), recvs: Sequence[tuple[torch.Tensor, int]] = ()
@@ -161,6 +146,7 @@ class MPICommunicator(Communicator):
         self.wait_all([(self._comm.Ibarrier(), -1)], "MPI barrier")
 
     def close(self) -> None:
+        self._close_flight()
         if self._shared is not None:
             self._shared.close()
         self._host.Free()

@@ -51,7 +51,7 @@ class TorchCommunicator(Communicator):
         """Meet the other ranks at `store`, or else at rank 0's `master` (host, port) as torch's tcp:// does
         (under torchrun, through its agent's store); a world of one needs neither. With `group`, use that group."""
         self.backend = backend
-        super().__init__(rank, size, timeout=timeout, algorithm=algorithm)
+        super().__init__(rank, size, timeout=timeout, algorithm=algorithm)  # checks the timeout before torch sees it
         self._group = group  # None: the default group
         if backend == "nccl":
             self.device = torch.device("cuda", local_rank if group is None else torch.cuda.current_device())
@@ -59,6 +59,7 @@ class TorchCommunicator(Communicator):
             torch.cuda.set_device(self.device)
         if group is not None:
             self.process_group = group
+            self.open_flight()
             return
         if not dist.is_initialized():
             if store is None and size == 1:
@@ -78,6 +79,10 @@ class TorchCommunicator(Communicator):
                 f"{dist.get_world_size()}, but this process is rank {rank} of {size}"
             )
         self.process_group = dist.group.WORLD
+        self.open_flight()
+
+    def _flight_store(self) -> dist.Store:
+        return dist.distributed_c10d._get_default_store()  # under torchrun, its agent's: alive while ranks stop
 
     @classmethod
     def over(cls, group: Any, timeout: float | None = None, algorithm: str = "native") -> TorchCommunicator:
@@ -139,6 +144,7 @@ class TorchCommunicator(Communicator):
         self._native_allreduce(token, "sum")  # an allreduce, because gloo's barrier ignores wait timeouts
 
     def close(self) -> None:
+        self._close_flight()
         if not dist.is_initialized() or self._group is not None:  # a group made elsewhere is its maker's to end
             return
         dist.destroy_process_group()

@@ -1,10 +1,14 @@
-"""Failures on purpose, one per run: `python scenarios.py NAME [backend]` under a launcher.
+"""Failures on purpose, one per run: `python scenarios.py NAME [backend [timeout [ARGS...]]]` under a launcher.
+
+timeout "env" leaves the deadline to DISTRIB_TIMEOUT; ARGS go to the scenario.
 
 Checked from outside by tests/test_failures.py: the job must end (never hang) with a message naming the problem.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
 
@@ -59,7 +63,46 @@ def ddp_unused_on_one_rank(comm: distrib.Communicator) -> None:
         model(torch.ones(1, 2), comm.rank != 1).sum().backward()
 
 
+def late_mismatch(comm: distrib.Communicator, algorithm: str) -> None:
+    """After 8 good calls, ranks disagree: 1000 elements against 1001 (caught; the next calls still work), then
+    float32 against int32, the same bytes (not caught: the job must fail). No rank may return from either."""
+    for _ in range(8):
+        comm.allreduce(torch.ones(4), algorithm=algorithm)
+    for t in (torch.ones(1000 + comm.rank), torch.ones(1000, dtype=torch.float32 if comm.rank == 0 else torch.int32)):
+        try:
+            comm.allreduce(t, algorithm=algorithm)
+        except distrib.CollectiveError as error:
+            print(f"rank {comm.rank} caught: {error}", flush=True)
+            if t.dtype != torch.float32:
+                raise
+        else:
+            print(f"rank {comm.rank} returned {t[-3:].tolist()}", flush=True)
+
+
+def stopped(comm: distrib.Communicator, algorithm: str) -> None:
+    """The last rank enters its 6th call (an async allreduce labelled bucket 3) first and stops itself there
+    (SIGSTOP); the others join it and wait until their deadline. Their reports must name the stopped rank and its
+    call, never each other."""
+    for step in range(5):
+        comm.allreduce(torch.ones(1000), algorithm=algorithm, label={"step": step + 1})
+    last = comm.rank == comm.size - 1
+    if not last:
+        time.sleep(1)  # the last rank is in the call, stopped, by the time the others come
+    handle = comm.allreduce(torch.ones(1000), algorithm=algorithm, async_op=True, label={"bucket": 3})
+    if last:
+        time.sleep(0.3)  # its engine thread is in the call, waiting for the others
+        os.kill(os.getpid(), signal.SIGSTOP)
+    handle.wait()
+
+
+def uneven(comm: distrib.Communicator, algorithm: str) -> None:
+    """Rank 0 takes 13 steps, the others 10, then exit: rank 0's 11th call must say that they finished."""
+    for step in range(13 if comm.rank == 0 else 10):
+        comm.allreduce(torch.ones(100), algorithm=algorithm, label={"step": step + 1})
+
+
 if __name__ == "__main__":
     name, backend = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else None)
-    communicator = distrib.init(backend, timeout=float(sys.argv[3]) if len(sys.argv) > 3 else 60)
-    globals()[name](communicator)
+    seconds = sys.argv[3] if len(sys.argv) > 3 else "60"
+    communicator = distrib.init(backend, timeout=None if seconds == "env" else float(seconds))
+    globals()[name](communicator, *sys.argv[4:])

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from distrib import CollectiveTimeout
-from distrib.comm.base import VERIFY_CALLS
+from distrib import CollectiveError, CollectiveTimeout
 
 pytestmark = pytest.mark.mpi  # pytest-mpi's mark: `mpiexec -n N python -m pytest --with-mpi tests/ranks`
 ALGORITHMS = ["naive", "ring", "native", "shm"]
@@ -109,7 +108,6 @@ def test_naive_reduce_scatter_sends_each_rank_its_chunk_only(comm, monkeypatch):
     monkeypatch.setattr(
         comm, "post", lambda sends=(), recvs=(): received.extend(len(r) for r, _ in recvs) or post(sends, recvs)
     )
-    monkeypatch.setattr(comm, "_verify_left", 0)  # the cross-rank check receives too
     t = rank_tensor(comm.rank, comm.size * 1000, torch.float32)
     part = comm.reduce_scatter(t, algorithm="naive")
     assert_matches(
@@ -210,11 +208,12 @@ def test_shm_wait_names_the_rank_that_never_arrives(comm):
     from distrib.comm.mpi import MPICommunicator
 
     late = MPICommunicator(timeout=1)
-    for _ in range(VERIFY_CALLS):  # every rank: the window is set up and the cross-rank checks are spent
-        late.allreduce(torch.ones(8), algorithm="shm")
+    late.verify = "off"  # no check before the call: the wait that times out is shm's own
+    late.allreduce(torch.ones(8), algorithm="shm")  # every rank: the window is set up
     if comm.rank == 0:
         missing = re.escape(str(list(range(1, comm.size))))
-        with pytest.raises(CollectiveTimeout, match=rf"shm allreduce: rank 0 waited 1 s for rank\(s\) {missing}"):
+        pattern = rf"shm allreduce \(call #2\): rank 0 waited 1 s for rank\(s\) {missing}: rank 1 has not called it"
+        with pytest.raises(CollectiveTimeout, match=pattern):
             late.allreduce(torch.ones(8), algorithm="shm")
     comm.barrier()
     late.close()
@@ -261,3 +260,36 @@ def test_point_to_point_ring(comm):
     got = torch.empty(3, dtype=torch.int64)
     comm.sendrecv(torch.full((3,), comm.rank), right, got, left)
     assert got.tolist() == [left] * 3
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("collective", ["allreduce", "reduce_scatter", "allgather", "broadcast"])
+@pytest.mark.parametrize("kind", ["size", "dtype"])
+def test_calls_that_differ_fail_on_every_rank_and_the_next_call_works(comm, algorithm, collective, kind):
+    """Each call is checked, not only a communicator's first: the last rank disagrees on the size (one row more)
+    or the dtype (int32 for float32, the same bytes), after earlier good calls; every rank raises, naming every
+    rank's call, before any data moves, so the communicator still works."""
+    if collective == "broadcast" and algorithm != "native":
+        pytest.skip("broadcast has one algorithm")
+    n, odd = comm.size, comm.rank == comm.size - 1
+    for _ in range(3):
+        comm.allreduce(torch.ones(5), algorithm=algorithm)
+    rows = n * (4 if odd and kind == "size" else 3)
+    t = torch.ones(rows, 2, dtype=torch.int32 if odd and kind == "dtype" else torch.float32)
+    call = {
+        "allreduce": lambda: comm.allreduce(t, algorithm=algorithm),
+        "reduce_scatter": lambda: comm.reduce_scatter(t, algorithm=algorithm),
+        "allgather": lambda: comm.allgather(t, algorithm=algorithm),
+        "broadcast": lambda: comm.broadcast(t),
+    }[collective]
+    with pytest.raises(CollectiveError) as error:
+        call()
+    message = str(error.value)
+    assert message.startswith("collective calls differ across ranks (rank 0: call #"), message
+    good, bad = (f"({n * 4}, 2)", "float32") if kind == "size" else (f"({n * 3}, 2)", "int32")
+    assert f"rank {n - 1}: call #" in message and f"{collective}(" in message
+    assert f"float32 ({n * 3}, 2)" in message and (f"float32 {good}" if kind == "size" else f"{bad} {good}") in message
+    t = torch.full((7,), float(comm.rank))
+    comm.allreduce(t, algorithm=algorithm)
+    assert t.tolist() == [n * (n - 1) / 2] * 7
