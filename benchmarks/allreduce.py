@@ -20,7 +20,6 @@ import datetime
 import json
 import os
 import shlex
-import socket
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ import torch
 
 import distrib
 from benchmarks.common import human_bytes, machine, parse_bytes, print_table, save_figure, subplots
+from distrib.comm.topology import place
 from distrib.comm.verify import MODES
 from distrib.env import read_world
 
@@ -42,6 +42,7 @@ COLUMNS |= {"min_us": ".1f", "max_us": ".1f", "algbw_gbps": ".2f", "busbw_gbps":
 COLUMNS |= {"of_copy": ".2f", "vs_off": ".3f"}
 
 COLORS = {PEER: "black", "naive": "tab:blue", "ring": "tab:orange", "native": "tab:green", "shm": "tab:red"}
+COLORS |= {"halving_doubling": "tab:purple", "hierarchical": "tab:brown", "auto": "tab:gray"}
 LINES = {"mpi": "-", "gloo": "--", "nccl": "-."}  # plots: a color per algorithm, a line style per backend
 
 Call = Callable[[torch.Tensor], object]
@@ -183,7 +184,9 @@ def measure(comms: dict, calls: dict, nbytes: int, dtype: torch.dtype, warmup: i
     return slowest(main, times)
 
 
-def rows(rounds: list[dict[tuple, list]], nbytes: int, dtype: torch.dtype, n: int, limits: dict) -> list[dict]:
+def rows(
+    rounds: list[dict[tuple, list]], nbytes: int, dtype: torch.dtype, n: int, hosts: int, limits: dict
+) -> list[dict]:
     """One row per subject, over every round: nccl-tests' columns, the ratio to its backend's peer, to the copy
     bandwidth, and (vs_off) to the same algorithm without the check, the median of the rounds' ratios."""
     out = []
@@ -193,8 +196,9 @@ def rows(rounds: list[dict[tuple, list]], nbytes: int, dtype: torch.dtype, n: in
         median = statistics.median(seconds)
         algbw = nbytes / median / 1e9
         busbw = algbw * 2 * (n - 1) / n
-        row = {"backend": backend, "algorithm": algorithm, "verify": check, "ranks": n, "bytes": nbytes}
+        row = {"backend": backend, "algorithm": algorithm, "verify": check, "ranks": n, "hosts": hosts}
         row |= {
+            "bytes": nbytes,
             "size": human_bytes(nbytes),
             "count": nbytes // dtype.itemsize,
             "dtype": str(dtype).removeprefix("torch."),
@@ -277,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     main = next(iter(comms.values()))
     backends = backends or [main.backend]
     n, info = main.size, machine()
-    hosts = main.allgather_object(socket.gethostname())
+    hosts = main.allgather_object(place())  # hostname and network namespace: a namespace host counts as one
     local = hosts.count(hosts[main.rank])
     if "OMP_NUM_THREADS" not in os.environ:  # ranks on one host share its cores
         torch.set_num_threads(max(1, info["cores"] // local))
@@ -318,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
             for r in range(args.rounds):  # alternating order, so that drifting load falls on every subject alike
                 order = dict(calls.items() if r % 2 == 0 else reversed(calls.items()))
                 rounds.append(measure(comms, order, nbytes, dtype, args.warmup, iters))
-            size_rows = rows(rounds, nbytes, dtype, n, limits)
+            size_rows = rows(rounds, nbytes, dtype, n, len(set(hosts)), limits)
             if main.rank == 0:
                 print_table(f"{human_bytes(nbytes)} {name}, {args.rounds} x {iters} timed calls", size_rows, COLUMNS)
             table += size_rows

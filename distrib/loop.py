@@ -21,6 +21,7 @@ import torch
 from distrib.comm import Communicator
 from distrib.data import Shard, loss_scale, num_steps, shard, split
 from distrib.device import PRECISIONS, Feeder, autocast, where
+from distrib.local_sgd import settle
 from distrib.steps import ON_NAN, Clock, NonFiniteError, Progress, Stopped, Verdict, clip, end_epoch, finish_step, vote
 from distrib.tasks.base import Batch, Models, Task
 
@@ -86,6 +87,8 @@ def fit(
                 if schedulers and phase in schedulers:
                     schedulers[phase].step()  # the schedule follows the data, skipped steps included
             finish_step(progress, clock, group, verdicts, reported["lr"], on_step)  # raises Stopped if a rank was asked
+        with clock("step"):
+            settle(optimizers)  # local SGD: the ranks' replicas averaged, so all validate (and save) one model
         with clock("validation"):
             validation = validate(task, models, comm, config.precision)  # reduced over all ranks
         history.append(end_epoch(progress, task.phases, comm, clock, validation, reported["lr"], config.on_nan))
@@ -144,7 +147,7 @@ def _step(
         verdict = vote(comm, phase, float(loss_sum), model, norm, stop)  # every rank decides alike
     if verdict.finite:
         with clock("step"):
-            optimizer.step()  # ZeRO: reduce-scatter, CPU step, allgather
+            optimizer.step()  # ZeRO: reduce-scatter, CPU step, allgather; local SGD: every H steps, the outer step
     else:
         verdict.report(progress, config.on_nan, comm.rank == 0)  # raises NonFiniteError, or logs the skip
     return verdict

@@ -27,6 +27,7 @@ from distrib.cli.stopping import Peers, StopSignals, watch_rank
 from distrib.data import check as check_sharding
 from distrib.device import DeviceError, choose, where
 from distrib.env import LaunchError, read_world
+from distrib.local_sgd import LocalSGD
 from distrib.loop import LoopConfig, NonFiniteError, Optimizers, Progress, Stopped, fit
 from distrib.process import default_backend
 from distrib.tasks import Models, Task
@@ -105,7 +106,8 @@ def _communicator(args: argparse.Namespace, device: torch.device) -> distrib.Com
 
 
 def _wrap(args: argparse.Namespace, models: Models, comm: distrib.Communicator) -> tuple[Models, Optimizers]:
-    """Each phase's model as the loop trains it, and its optimizer: DDP and a torch optimizer, or ZeRO-Offload."""
+    """Each phase's model as the loop trains it, and its optimizer: DDP and a torch optimizer, ZeRO-Offload, or a
+    plain model and local SGD around a torch optimizer."""
     try:
         if args.zero_offload:  # gradients cross ranks in the step (reduce-scatter); Adam's state stays on the CPU
             hyper = {"lr": args.lr, "weight_decay": args.weight_decay, "adamw": args.optimizer == "adamw"}
@@ -113,6 +115,14 @@ def _wrap(args: argparse.Namespace, models: Models, comm: distrib.Communicator) 
             return dict(models), {
                 p: zero(m.parameters(), comm=comm, algorithm=args.allreduce, **hyper) for p, m in models.items()
             }
+        if args.sync_every:  # local SGD: gradients stay on their rank; the optimizer averages weights every H steps
+            return dict(models), {
+                phase: LocalSGD(
+                    build_optimizer(args.optimizer, m.parameters(), args.lr, args.weight_decay), comm, args.sync_every,
+                    args.outer_lr, args.outer_momentum, algorithm=args.allreduce,
+                )
+                for phase, m in models.items()
+            }  # fmt: skip
         ddp = distrib.DistributedDataParallel
         wrapped = {
             phase: ddp(m, device_ids=_device_ids(m), comm=comm, algorithm=args.allreduce) for phase, m in models.items()

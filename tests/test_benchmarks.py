@@ -1,5 +1,5 @@
 """The allreduce benchmark runs at 2 ranks and writes well-formed, self-consistent rows; the cost model recovers
-known latency and bandwidth from synthetic timings."""
+known figures from synthetic timings, predicts held-out ones, and saves what algorithm="auto" reads."""
 
 from __future__ import annotations
 
@@ -25,9 +25,17 @@ def test_allreduce_benchmark_at_two_ranks(tmp_path):
     data = json.loads(out.read_text())
     rows, copy = data["rows"], data["copy_gbps"]["cpu"]
     assert data["ranks"] == 2 and copy > 0 and data["command"].startswith("python -m benchmarks.allreduce")
-    mpi = ["peer", "naive", "ring", "native", "shm"]  # shm is MPI's alone; gloo's peer is its own all_reduce
-    expected = {("mpi", a, s) for a in mpi for s in (4096, 1 << 20)}
-    expected |= {("gloo", a, s) for a in mpi[:-1] for s in (4096, 1 << 20)}
+    both = [
+        "peer",
+        "naive",
+        "ring",
+        "native",
+        "halving_doubling",
+        "hierarchical",
+        "auto",
+    ]  # gloo's peer: its all_reduce
+    expected = {("mpi", a, s) for a in [*both, "shm"] for s in (4096, 1 << 20)}  # shm is MPI's alone
+    expected |= {("gloo", a, s) for a in both for s in (4096, 1 << 20)}
     assert {(r["backend"], r["algorithm"], r["bytes"]) for r in rows} == expected
     peers = {(r["backend"], r["bytes"]): r["time_us"] for r in rows if r["algorithm"] == "peer"}
     for r in rows:
@@ -163,53 +171,92 @@ def test_bad_sizes_are_named(text):
         parse_bytes(text)
 
 
-def _points(shape: str, alpha: float, beta: float, noise: float = 0.0) -> list[tuple[int, int, float]]:
-    rng = random.Random(0)
-    points = []
-    for n in (2, 4, 8):
-        for nbytes in (4 << 10, 64 << 10, 1 << 20, 16 << 20, 256 << 20):
-            a, b = model.SHAPES[shape](n)
-            points.append((n, nbytes, (a * alpha + b * nbytes * beta) * (1 + noise * rng.uniform(-1, 1))))
-    return points
+TRUE = {  # a made-up model: every algorithm its own figures on each link
+    "naive": {"intra": {"alpha": 30e-6, "beta": 1 / 2e9}, "inter": {"alpha": 300e-6, "beta": 1 / 0.12e9}},
+    "ring": {"intra": {"alpha": 20e-6, "beta": 1 / 3e9}, "inter": {"alpha": 250e-6, "beta": 1 / 0.11e9}},
+    "halving_doubling": {"intra": {"alpha": 25e-6, "beta": 1 / 2.5e9}, "inter": {"alpha": 260e-6, "beta": 1 / 0.1e9}},
+    "hierarchical": {"intra": {"alpha": 22e-6, "beta": 1 / 4e9}, "inter": {"alpha": 270e-6, "beta": 1 / 0.1e9}},
+    "shm": {"intra": {"alpha": 15e-6, "beta": 1 / 6e9}},
+}
+LAYOUTS = [(1, 2), (2, 1), (3, 1), (4, 1), (2, 2)]
 
 
-@pytest.mark.parametrize("shape", ["naive", "ring", "halving-doubling", "shm"])
-def test_fit_recovers_latency_and_bandwidth(shape):
-    alpha, beta = 7e-6, 1 / 3e9
-    exact = model.fit(shape, _points(shape, alpha, beta))
-    assert exact.alpha == pytest.approx(alpha, rel=1e-9) and exact.beta == pytest.approx(beta, rel=1e-9)
-    assert exact.max_error < 1e-9 and exact.points == 15
-    noisy = model.fit(shape, _points(shape, alpha, beta, noise=0.05))
-    assert noisy.alpha == pytest.approx(alpha, rel=0.1) and noisy.beta == pytest.approx(beta, rel=0.1)
-    assert 0.001 < noisy.median_error <= noisy.max_error < 0.1
+def _rows(noise: float = 0.0) -> list[dict]:
+    """Rows as benchmarks.shaped writes them, timed by TRUE (times a random factor within 1 +- noise)."""
+    rng, rows = random.Random(0), []
+    for hosts, per_host in LAYOUTS:
+        for algorithm in TRUE:
+            for nbytes in (4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20):
+                seconds = model.auto.predict(TRUE, algorithm, nbytes, hosts, per_host)
+                if seconds is None or (algorithm == "shm" and hosts > 1):
+                    continue
+                row = {"backend": "mpi", "algorithm": algorithm, "ranks": hosts * per_host, "hosts": hosts}
+                rows.append(
+                    row
+                    | {"bytes": nbytes, "dtype": "float32", "time_us": seconds * 1e6 * (1 + noise * rng.uniform(-1, 1))}
+                )
+    return rows
 
 
-def test_crossover_is_where_the_predictions_meet():
-    alpha, beta = 2e-6, 1 / 12.5e9
-    fits = model.network_fits(alpha, 1 / beta)
-    at = model.crossover(fits["recursive doubling"], fits["ring"], 64)
-    assert at == pytest.approx(alpha * (2 * 63 - 6) / (beta * (6 - 2 * 63 / 64)))
-    assert fits["recursive doubling"].time(64, at) == pytest.approx(fits["ring"].time(64, at))
-    assert fits["recursive doubling"].time(64, at / 2) < fits["ring"].time(64, at / 2)
-    assert model.crossover(fits["naive"], fits["ring"], 64) is None  # same latency term, ring always ahead
+def test_fit_recovers_every_algorithms_figures_on_both_links():
+    fitted = model.fit(_rows())
+    assert fitted.keys() == TRUE.keys()
+    for algorithm, links in TRUE.items():
+        for link, pair in links.items():
+            assert fitted[algorithm][link] == pytest.approx(pair, rel=1e-6), (algorithm, link)
 
 
-def test_model_reads_benchmark_rows(tmp_path, capsys):
-    """Rows as benchmarks.allreduce writes them: the fit, naive's growth with the world size, the predictions."""
-    rows = []
-    for algorithm in ("naive", "ring"):
-        for n, nbytes, seconds in _points(algorithm, 20e-6, 1 / 2e9):
-            rows.append({"backend": "mpi", "algorithm": algorithm, "ranks": n, "bytes": nbytes, "dtype": "float32"})
-            rows[-1]["time_us"] = seconds * 1e6
-    path = tmp_path / "rows.json"
-    path.write_text(json.dumps({"rows": rows}))
-    fits = model.fits_of(rows)
-    assert fits["mpi", "naive"].alpha == pytest.approx(20e-6) and fits["mpi", "ring"].beta == pytest.approx(5e-10)
-    growth = [r for r in model.scaling(rows, fits, [256 << 20]) if r["algorithm"] == "naive"]
-    assert growth[0]["measured"] == pytest.approx(growth[0]["model"]) == pytest.approx(7.0, rel=0.01)  # 2*7 / 2*1
-    model.main([str(path), "--ranks", "8", "4096"])
+def test_model_holds_out_points_extrapolates_and_saves_what_auto_reads(tmp_path, capsys):
+    path, saved, tables, figure = (tmp_path / name for name in ("rows.json", "model.json", "tables.json", "fit.png"))
+    path.write_text(json.dumps({"rows": _rows(noise=0.05), "link": {"describe": "1 Gbit/s, 100 us"}}))
+    model.main([str(path), "--save", str(saved), "--json", str(tables), "--plot", str(figure), "--ranks", "8", "4096"])
     text = capsys.readouterr().out
-    assert "predicted ms on 100 Gb InfiniBand" in text and "4096 ranks: recursive doubling beats ring below" in text
+    assert "error on the held-out points" in text and "what auto would choose" in text
+    result = json.loads(tables.read_text())
+    held = {(e["layout"], e["size"]) for e in result["errors"] if e["layout"] in ("3x1", "2x2") or e["size"] == "4M"}
+    assert len(held) > 10 and result["held_out_summary"][-1]["algorithm"] == "all"
+    assert result["held_out_summary"][-1]["median_err"] < 0.05  # 5% noise: within it
+    assert {row["ranks"] for row in result["extrapolation"]["auto"]} == {8, 4096}
+    assert model.auto.load(str(saved)).keys() == TRUE.keys()
+    assert json.loads(saved.read_text())["choices"]["2x2"]["16777216"] in model.auto.options(2, 2)
+    assert figure.stat().st_size > 10_000
+
+
+@pytest.mark.heavy
+def test_shaped_benchmark_runs_on_namespace_hosts(tmp_path):
+    """A smoke run: two layouts, two sizes, one repeat; JSON rows for every algorithm that runs there, and a plot."""
+    from tests import netns
+
+    if (reason := netns.unavailable(shaped=True)) is not None:
+        pytest.skip(reason)
+    out, figure = tmp_path / "shaped.json", tmp_path / "shaped.png"
+    args = ["-m", "benchmarks.shaped", "--layouts", "2x1", "1x2", "--repeats", "1", "--sizes", "4K", "64K"]
+    result = run([sys.executable, *args, "--iters", "2", "--json", str(out), "--plot", str(figure)], timeout=400)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["layout"], r["algorithm"]) for r in rows} >= {("2x1", "ring"), ("1x2", "shm"), ("2x1", "hierarchical")}
+    assert all(r["time_us"] > 0 and r["repeats"] == 1 for r in rows) and figure.stat().st_size > 10_000
+
+
+@pytest.mark.heavy
+def test_diloco_benchmark_runs_on_namespace_hosts(tmp_path):
+    """A smoke run: classify at its own width for one epoch of 100 steps, every variant once; a curve for each (DDP
+    validated every 10 steps, DiLoCo at each sync), and a plot."""
+    from benchmarks import diloco
+    from tests import netns
+
+    if (reason := netns.unavailable(shaped=True)) is not None:
+        pytest.skip(reason)
+    out, figure = tmp_path / "diloco.json", tmp_path / "diloco.png"
+    args = ["-m", "benchmarks.diloco", "--settings", "classify-128", "--repeats", "1", "--epochs", "1"]
+    result = run([sys.executable, *args, "--json", str(out), "--plot", str(figure)], timeout=400)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert [r["variant"] for r in data["runs"]] == list(diloco.VARIANTS)
+    assert [len(r["curve"]) for r in data["runs"]] == [10, 10, 2] and {r["steps"] for r in data["runs"]} == {100}
+    by = {r["variant"]: r["bytes_per_step"] for r in data["summary"] if r["target"] == 0.2}
+    assert by["ddp"] > 9 * by["diloco-h10"] > 4 * by["diloco-h50"]  # a sync every 10 or 50 steps instead of each
+    assert figure.stat().st_size > 10_000
 
 
 def test_checkpoint_benchmark_at_two_ranks(tmp_path):

@@ -96,15 +96,16 @@ def test_a_failed_background_write_is_raised_at_the_next_checkpoint_and_never_pu
 
 
 def test_a_failed_background_write_on_one_rank_is_raised_on_every_rank(tmp_path):
-    result = run_ranks("mpiexec", 2, [str(ROOT / "tests/scripts/async_checkpoint_failure.py"), str(tmp_path), "1"],
-                       timeout=90)  # fmt: skip
+    checkpoints, reports = tmp_path / "checkpoints", tmp_path / "reports"
+    checkpoints.mkdir(), reports.mkdir()
+    script = str(ROOT / "tests/scripts/async_checkpoint_failure.py")
+    result = run_ranks("mpiexec", 2, [script, str(checkpoints), "1", str(reports)], timeout=90)
     assert result.returncode == 0, result.stderr[-3000:]
-    reports = sorted((json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")),
-                     key=lambda r: r["rank"])  # fmt: skip
+    reports = [json.loads((reports / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
     assert [r["rank"] for r in reports] == [0, 1], result.stdout
     for report in reports:
         for case, step in (("next checkpoint", 1), ("end", 3)):
             assert report[case] is not None, (report["rank"], case)
-            assert f"cannot write checkpoint {tmp_path}/step-{step:09d}: " in report[case], report
+            assert f"cannot write checkpoint {checkpoints}/step-{step:09d}: " in report[case], report
             assert "rank-00001.pt: No space left on device" in report[case], report
         assert report["published"] == ["step-000000004"], report  # never the failed ones

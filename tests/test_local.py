@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from distrib import ALGORITHMS, CollectiveTimeout
-from distrib.comm.algorithms import chunks
+from distrib.comm.arrays import chunks
 from distrib.comm.engine import Engine
 from distrib.comm.local import LocalCommunicator
 

@@ -1,4 +1,4 @@
-"""Two hosts for real: a 2x2-rank job across two network namespaces joined by a veth pair.
+"""Two hosts for real: a 2x2-rank job across two network namespaces joined by a bridge.
 
 The job runs through `python -m launch` over MPICH (mpiexec starts host B's proxy through a stand-in for ssh)
 and over torchrun (one per host, meeting at a c10d rendezvous on host A). Its allreduces must give known values
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -21,13 +20,13 @@ import torch
 
 from distrib.comm.local import LocalCommunicator
 from tests import netns
-from tests.launching import MPIEXEC, ROOT, run
+from tests.hostjobs import SSH, finish, job_env, start, stop
+from tests.launching import MPIEXEC, run
 from tests.scripts.two_hosts_train import CHECK_SIZE, train
 
 TRAIN = "tests/scripts/two_hosts_train.py"
-SSH = str(ROOT / "tests/scripts/two_hosts_ssh.py")
-LAYOUT = f"{netns.ADDRESSES[0]}:2,{netns.ADDRESSES[1]}:2"
-RDZV = f"{netns.ADDRESSES[0]}:29500"  # a fresh namespace: no other run can hold the port
+LAYOUT = f"{netns.address(0)}:2,{netns.address(1)}:2"
+RDZV = f"{netns.address(0)}:29500"  # a fresh namespace: no other run can hold the port
 LAUNCH = [sys.executable, "-m", "launch", "-n", "4", "--hosts", LAYOUT]
 JOB_SECONDS = 120  # outer deadline of one job; a healthy one takes seconds
 # The naive check alone sends ranks 2 and 3's CHECK_SIZE float64s to rank 0 and back over the link.
@@ -53,54 +52,7 @@ def one_host(tmp_path_factory) -> dict[str, torch.Tensor]:
     return torch.load(out)
 
 
-def job_env(hosts: netns.Hosts, **extra: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "OMP_NUM_THREADS": "1",
-        # hydra starts the proxy on a host by running `ssh HOST ...`; ours enters that host's namespace instead.
-        "HYDRA_LAUNCHER": "ssh",
-        "HYDRA_LAUNCHER_EXEC": SSH,
-        "DISTRIB_TEST_NETNS": hosts.mapping(),
-        # The namespaces share /dev/shm and the boot id, so UCX would pass messages between "hosts" through shared
-        # memory, which real hosts cannot; TCP only, so the traffic takes the link as it would between machines.
-        "UCX_TLS": "tcp,self",
-        "DISTRIB_TIMEOUT": "30",  # a peer that never comes fails the job in 30 s, not 300; ample for a slow start
-        **extra,
-    }
-
-
-def start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    """Start `command` in its own process group, its output going to `log`."""
-    with open(log, "w") as out:
-        return subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-
-def finish(procs: list[subprocess.Popen], logs: list[Path], timeout: float) -> list[str]:
-    """Wait for every process until a shared deadline, killing all their process groups if one is late."""
-    deadline = time.monotonic() + timeout
-    try:
-        for proc in procs:
-            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
-    except subprocess.TimeoutExpired:
-        texts = "\n".join(log.read_text()[-3000:] for log in logs)
-        raise AssertionError(f"hung past {timeout} s:\n{texts}") from None
-    finally:
-        for proc in procs:
-            stop(proc)
-    return [log.read_text() for log in logs]
-
-
-def stop(proc: subprocess.Popen) -> None:
-    """Kill `proc`'s whole process group if it is still running (the namespaces' teardown catches the rest)."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-def assert_ran_across(hosts: netns.Hosts, text: str, crossed: int) -> None:
+def assert_ran_across(hosts: netns.Cluster, text: str, crossed: int) -> None:
     """Four ranks finished, two in each namespace (ranks 0-1 on one, 2-3 on the other), and data took the link."""
     where = {int(rank): ns for rank, ns in DONE.findall(text)}
     assert sorted(where) == [0, 1, 2, 3], text[-3000:]
@@ -150,7 +102,7 @@ def test_torchrun_across_two_hosts(hosts, one_host, tmp_path):
     for host in (0, 1):
         # torch takes a host for the rendezvous server only if the endpoint is its hostname's address, which a
         # namespace's is not: say so (is_host), and give the address workers reach it at (local_addr).
-        env = job_env(hosts, PET_RDZV_CONF=f"is_host={int(host == 0)}", PET_LOCAL_ADDR=netns.ADDRESSES[host])
+        env = job_env(hosts, PET_RDZV_CONF=f"is_host={int(host == 0)}", PET_LOCAL_ADDR=netns.address(host))
         command = [*LAUNCH, "--via", "torchrun", "--node-rank", str(host), "--rdzv-endpoint", RDZV]
         command += ["--", "python", TRAIN, "gloo", str(out)]
         logs.append(tmp_path / f"host{host}.log")
@@ -168,7 +120,7 @@ def test_cut_link_ends_the_job_naming_a_lost_rank(hosts, tmp_path):
     # Hosts alternate along the ring (`A:1,B:1` places ranks 0, 2 on A and 1, 3 on B), so every rank waits on
     # a peer across the link and whichever times out first names a lost rank; the ring's timeouts name the peer
     # waited for, where a native MPI collective cannot.
-    layout = f"{netns.ADDRESSES[0]}:1,{netns.ADDRESSES[1]}:1"
+    layout = f"{netns.address(0)}:1,{netns.address(1)}:1"
     command = [MPIEXEC, "-launcher", "ssh", "-launcher-exec", SSH, "-hosts", layout, "-n", "4", sys.executable]
     command += [TRAIN, "mpi", str(tmp_path / "w.pt"), "--algorithm", "ring", "--steps", "100000", "--pause", "0.05"]
     proc = start([*hosts.exec_prefix(0), *command], job_env(hosts, DISTRIB_TIMEOUT="5"), log)
@@ -191,3 +143,20 @@ def test_cut_link_ends_the_job_naming_a_lost_rank(hosts, tmp_path):
     assert blamed and all(set(ranks.split(", ")) <= {"1", "3"} for ranks in blamed), text[-3000:]
     assert ended < 20, f"mpiexec took {ended:.0f} s to end the job after the link was cut (timeout 5 s)"
     assert not left_on_b, f"host B's processes {left_on_b} were still running 30 s after the link was cut"
+
+
+def test_hosts_of_a_killed_run_are_deleted_by_the_next():
+    reason = netns.unavailable()
+    if reason:
+        pytest.skip(f"two hosts need network namespaces: {reason}")
+    # A run killed outright (SIGKILL) runs no finally: its namespaces stay until the next cluster() is made.
+    code = "import os, signal; from tests import netns\nwith netns.two_hosts(): os.kill(os.getpid(), signal.SIGKILL)"
+    killed = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parent.parent)
+    assert killed.wait(timeout=60) == -9
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+    orphans = [name for name in listed if f"-{killed.pid}-" in name]
+    assert len(orphans) == 3, listed  # two hosts and their switch
+    with netns.two_hosts() as made:
+        left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split()
+        assert not set(orphans) & set(left), left
+        assert all(name in left for name in (*made.names, made.switch))

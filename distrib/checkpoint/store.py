@@ -3,7 +3,8 @@
 A checkpoint is a directory DIR/step-000000120 (named by the optimizer steps done) holding
   shared.pt       from rank 0: the models, the unsharded optimizers, the schedulers, the epoch's loss sums
   rank-00003.pt   from rank 3: its RNG states, and its shard of each sharded optimizer (one that offers
-                  consolidated_state_dict(), like ZeroOffloadOptimizer, keeps only its rank's part)
+                  consolidated_state_dict(), like ZeroOffloadOptimizer, keeps only its rank's part; LocalSGD's
+                  state, its weights between syncs included, is each rank's own)
   manifest.json   last: the position, the settings a resume must match, and each file's size and sha256
 Each file goes to a temporary name, is flushed, fsynced and renamed; the directory is put together under a
 `.partial` name and renamed into place once every rank's file is in, so a checkpoint is whole or absent. Loading

@@ -114,8 +114,9 @@ def prefix(final: Path) -> str:
 
 
 def _is_sharded(optimizer: torch.optim.Optimizer) -> bool:
-    """A sharded optimizer's state_dict() is this rank's part; it offers consolidated_state_dict() for the whole."""
-    return callable(getattr(optimizer, "consolidated_state_dict", None))
+    """A sharded optimizer's state_dict() is this rank's part; it offers consolidated_state_dict() for the whole.
+    One with `state_per_rank` (local SGD) keeps a state of its own on every rank."""
+    return callable(getattr(optimizer, "consolidated_state_dict", None)) or getattr(optimizer, "state_per_rank", False)
 
 
 def _compact(obj: Any) -> Any:

@@ -114,6 +114,17 @@ def _resume(text: str) -> Path | str:
     return AUTO if text == AUTO else Path(text)
 
 
+def _fraction(text: str) -> float:
+    """A momentum: in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
+    return value
+
+
 def _deadline(text: str) -> float:
     try:
         return check_timeout(text, "{!r}")
@@ -144,6 +155,14 @@ def parser(description: str | None = None) -> argparse.ArgumentParser:
     )
     p.add_argument("--block-size", type=_positive(int), default=None, help="lm: bytes of context (default 128)")
     p.add_argument("--model-size", choices=PRESETS, default=None, help="lm: the GPT's size (default small)")
+    p.add_argument(
+        "--sync-every", type=_positive(int), default=None, metavar="H",
+        help="local SGD / DiLoCo: H steps on each rank's own gradients, then the outer step on the averaged deltas",
+    )  # fmt: skip
+    p.add_argument("--outer-lr", type=_real(0, MAX_RATE, positive=True), default=0.7, help="--sync-every: outer lr")
+    p.add_argument(
+        "--outer-momentum", type=_fraction, default=0.9, help="--sync-every: the outer Nesterov momentum (0: none)"
+    )
     p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/TASK-TIME)")
     p.add_argument(
         "--checkpoint-every", type=_positive(int), default=None, metavar="N", help="steps (also: at each epoch's end)"
@@ -193,6 +212,10 @@ def parse(argv: list[str] | None, description: str | None = None) -> tuple[argpa
         fail("argument --resume: auto continues the run in --out, or starts it there; name it with --out RUN_DIR")
     if args.tensorboard is not None and importlib.util.find_spec("tensorboard") is None:
         fail("argument --tensorboard: needs the tensorboard package; pip install tensorboard")
+    if args.zero_offload and args.sync_every:
+        fail(
+            "argument --sync-every: local SGD steps each rank's own optimizer; it does not combine with --zero-offload"
+        )
     if args.zero_offload and args.optimizer not in ("adam", "adamw"):
         fail(f"argument --zero-offload: shards Adam and AdamW only, not --optimizer {args.optimizer}")
     return args, task
@@ -233,5 +256,5 @@ def _language_model(args: argparse.Namespace) -> LanguageModel:
 
 def settings(args: argparse.Namespace) -> dict[str, object]:
     """What a resumed run must share with the one that wrote the checkpoint, for the data position to hold."""
-    keys = ("task", "batch_size", "accumulation_steps", "seed", "optimizer")
+    keys = ("task", "batch_size", "accumulation_steps", "seed", "optimizer", "sync_every")
     return {f"--{k.replace('_', '-')}": getattr(args, k) for k in keys}

@@ -1,12 +1,11 @@
 """The collective algorithms, and ONE table that chooses them by name.
 
-naive and ring are written once here over any transport's point-to-point calls; native is the transport library's
-own collectives; shm the shared-memory ones of ranks on one host. Every entry works in place on a flat contiguous
-tensor and takes op "sum", "max" or "min" (averaging is the caller's division). The Python algorithms work on
-`comm._array(flat)`: a numpy view of a CPU tensor where the transport takes numpy (MPI), since slicing and summing
-a numpy array costs a fraction of a microsecond, a tensor's a microsecond or more, and small collectives are made
-of little else. Chunk c of a flat array of n elements over `size` ranks is `chunks(n, size)[c]` (contract.split's
-rule), so any n works, including n < size.
+naive (here), ring (ring.py) and halving-doubling (halving.py) are written once over any transport's
+point-to-point calls; hierarchical (hierarchy.py) composes them over sub-communicators of hosts; native is the
+transport library's own collectives; shm the shared-memory ones of ranks on one host. Every entry works in place
+on a flat contiguous tensor and takes op "sum", "max" or "min" (averaging is the caller's division). The Python
+algorithms work on `comm._array(flat)` (see arrays.py). "auto" is not an entry: each call resolves it to one
+(auto.py).
 """
 
 from __future__ import annotations
@@ -14,38 +13,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
+from distrib.comm import hierarchy
+from distrib.comm.arrays import chunks, combine_, empty
 from distrib.comm.contract import Array, split
+from distrib.comm.halving import doubling_allgather_, halving_doubling_allreduce_, halving_reduce_scatter_
+from distrib.comm.ring import ring_allgather_, ring_allreduce_, ring_reduce_scatter_
 from distrib.comm.transport import Transport
-
-SEGMENT_BYTES = 1 << 20  # ring pipelining: sum segment k while segment k+1 arrives; ~L2-sized so sums hit cache
-
-
-def chunks(n: int, parts: int) -> list[tuple[int, int]]:
-    """(start, stop) of each of `parts` nearly equal contiguous chunks of range(n)."""
-    return [split(n, c, parts) for c in range(parts)]
-
-
-def combine_(dst: Array, src: Array, op: str) -> None:
-    """dst = dst (op) src, in place."""
-    if isinstance(dst, np.ndarray):
-        with np.errstate(all="ignore"):  # overflow to inf is silent, as in torch
-            {"sum": np.add, "max": np.maximum, "min": np.minimum}[op](dst, src, out=dst)
-    elif op == "sum":
-        dst.add_(src)
-    elif op == "max":
-        torch.maximum(dst, src, out=dst)
-    else:
-        torch.minimum(dst, src, out=dst)
-
-
-def empty(like: Array, n: int) -> Array:
-    """An uninitialised 1-D array of n elements, of `like`'s kind, dtype and device."""
-    if isinstance(like, np.ndarray):
-        return np.empty(n, like.dtype)
-    return like.new_empty(n)
 
 
 def _reduce_to_root(comm: Transport, flat: Array, op: str, what: str) -> None:
@@ -92,77 +67,6 @@ def naive_allgather_(comm: Transport, flat: Array, what: str = "naive allgather"
         mine = flat[slice(*bounds[comm.rank])]
         comm.wait_all(comm.post(sends=[(mine, 0)] if len(mine) else []), f"{what} (gather)")
         comm.wait_all(comm.post(recvs=[(flat, 0)]), f"{what} (scatter)")
-
-
-def views(flat: Array, parts: int) -> list[Array]:
-    """The `chunks` of a flat array as views, made once per collective."""
-    return [flat[start:stop] for start, stop in chunks(len(flat), parts)]
-
-
-def segments(t: Array, seg: int) -> list[Array]:
-    """`t` cut into pieces of at most `seg` elements: none when empty, `t` itself when it fits in one."""
-    n = len(t)
-    return [t] if 0 < n <= seg else [t[i : i + seg] for i in range(0, n, seg)]
-
-
-def ring_reduce_scatter_(comm: Transport, flat: Array, op: str, parts: list | None = None) -> Array:
-    """Ring reduce-scatter: after size-1 steps chunk `rank` of `flat` holds the reduction over all ranks.
-
-    At step s rank r sends chunk (r-s-1) to its right neighbour and combines chunk (r-s-2) from its left one
-    into place, segment by segment, so combining a segment overlaps the arrival of the next. Returns the view
-    of chunk `rank`; the other chunks are left partially reduced. `parts`: `views(flat, size)` if made already.
-    """
-    n, r = comm.size, comm.rank
-    parts = parts or views(flat, n)
-    right, left = (r + 1) % n, (r - 1) % n
-    seg = max(1, SEGMENT_BYTES // flat.itemsize)
-    width = min(seg, len(parts[0]))  # chunk 0 is the longest
-    scratch = empty(flat, 2 * width)  # one segment summed, one arriving
-    for s in range(n - 1):
-        what = f"ring reduce-scatter step {s + 1}/{n - 1}"
-        outgoing = segments(parts[(r - s - 1) % n], seg)
-        incoming = segments(parts[(r - s - 2) % n], seg)
-        if len(outgoing) <= 1 and len(incoming) <= 1:  # a chunk in one segment: one exchange, nothing to overlap
-            landing = [scratch[: len(part)] for part in incoming]
-            comm.wait_all(comm.post([(p, right) for p in outgoing], [(b, left) for b in landing]), what)
-            for part, buffer in zip(incoming, landing):
-                combine_(part, buffer, op)
-            continue
-        landing = [scratch[(k % 2) * width : (k % 2) * width + len(part)] for k, part in enumerate(incoming[:2])]
-        sends = comm.post(sends=[(part, right) for part in outgoing])
-        inflight = [comm.post(recvs=[(buffer, left)]) for buffer in landing]
-        for k, part in enumerate(incoming):
-            comm.wait_all(inflight[k], what)
-            combine_(part, landing[k % 2], op)
-            if k + 2 < len(incoming):  # the buffer just summed takes the segment after next
-                nxt = incoming[k + 2]
-                landing[k % 2] = scratch[(k % 2) * width : (k % 2) * width + len(nxt)]
-                inflight.append(comm.post(recvs=[(landing[k % 2], left)]))
-        comm.wait_all(sends, what)
-    return parts[r]
-
-
-def ring_allgather_(comm: Transport, flat: Array, parts: list | None = None) -> None:
-    """Ring allgather: chunk `rank` of `flat` is this rank's; after size-1 steps every chunk is everyone's.
-
-    At step s rank r forwards chunk (r-s) to the right and receives chunk (r-s-1) from the left straight into
-    place: no staging buffer, no copies. `parts`: `views(flat, size)` if made already.
-    """
-    n, r = comm.size, comm.rank
-    parts = parts or views(flat, n)
-    right, left = (r + 1) % n, (r - 1) % n
-    for s in range(n - 1):
-        send, recv = parts[(r - s) % n], parts[(r - s - 1) % n]
-        sends = [(send, right)] if len(send) else []
-        recvs = [(recv, left)] if len(recv) else []
-        comm.wait_all(comm.post(sends=sends, recvs=recvs), f"ring allgather step {s + 1}/{n - 1}")
-
-
-def ring_allreduce_(comm: Transport, flat: Array, op: str) -> None:
-    """Bandwidth-optimal allreduce: ring reduce-scatter then ring allgather, 2(n-1) steps of 1/n each."""
-    parts = views(flat, comm.size)
-    ring_reduce_scatter_(comm, flat, op, parts)
-    ring_allgather_(comm, flat, parts)
 
 
 # The table: each algorithm's three collectives on a flat contiguous tensor of the transport's device.
@@ -217,5 +121,7 @@ TABLE: dict[str, Algorithm] = {
         reduce_scatter=lambda comm, flat, op: comm._shm().reduce_scatter_(flat, op),
         allgather=lambda comm, flat: comm._shm().allgather_(flat),
     ),
+    "halving_doubling": _python(halving_doubling_allreduce_, halving_reduce_scatter_, doubling_allgather_),
+    "hierarchical": Algorithm(hierarchy.allreduce_, hierarchy.reduce_scatter_, hierarchy.allgather_),
 }
-ALGORITHMS = tuple(TABLE)
+ALGORITHMS = (*TABLE, "auto")  # what a call may name

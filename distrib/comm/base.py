@@ -16,12 +16,13 @@ from typing import Any
 
 import torch
 
-from distrib.comm import stuck, verify
+from distrib.comm import auto, stuck, verify
 from distrib.comm.algorithms import ALGORITHMS, TABLE
 from distrib.comm.contract import CollectiveTimeout, check_tensor, check_timeout, env_timeout
 from distrib.comm.engine import Engine, Handle, observed
 from distrib.comm.flight import Board, open_board
 from distrib.comm.mirror import Mirror
+from distrib.comm.topology import Topology, place
 from distrib.comm.transport import Transport
 
 
@@ -47,6 +48,8 @@ class Communicator(Transport):
         # Called as observer(name, queued_ns, started_ns, finished_ns, info) after every collective, on the thread
         # that ran it; distrib.trace sets it while recording.
         self.observer: Callable[[str, int, int, int, dict[str, Any]], None] | None = None
+        self._topology: Topology | None = None  # which ranks share a host, found on first need (_hosts)
+        self._groups: dict[Topology, tuple[Communicator, Communicator]] = {}  # the hierarchical algorithm's splits
 
     @property
     def blocked_seconds(self) -> float:
@@ -85,11 +88,12 @@ class Communicator(Transport):
         algorithm = self.check_algorithm(algorithm or self.algorithm)
 
         def job() -> torch.Tensor:
+            chosen = auto.choose(self, algorithm, nbytes)
             if self.size == 1 or t.numel() == 0:
                 return t
-            work = self._staged(t, host=algorithm == "shm")
+            work = self._staged(t, host=chosen == "shm")
             flat = work if work.dim() == 1 else work.view(-1)
-            TABLE[algorithm].allreduce(self, flat, "sum" if op == "avg" else op)
+            TABLE[chosen].allreduce(self, flat, "sum" if op == "avg" else op)
             if op == "avg":
                 flat.div_(self.size)
             if work is not t:
@@ -121,10 +125,11 @@ class Communicator(Transport):
             )
 
         def job() -> torch.Tensor:
+            chosen = auto.choose(self, algorithm, nbytes)
             if self.size == 1:
                 return t
-            work = self._staged(t, host=algorithm == "shm")
-            shard = TABLE[algorithm].reduce_scatter(self, work.view(-1), "sum" if op == "avg" else op)
+            work = self._staged(t, host=chosen == "shm")
+            shard = TABLE[chosen].reduce_scatter(self, work.view(-1), "sum" if op == "avg" else op)
             if op == "avg":
                 shard.div_(self.size)
             return shard.view(t.shape[0] // self.size, *t.shape[1:]).to(t.device)
@@ -154,14 +159,15 @@ class Communicator(Transport):
             )
 
         def job() -> torch.Tensor:
-            work = self._staged(out, copy_in=False, host=algorithm == "shm")
+            chosen = auto.choose(self, algorithm, nbytes)
+            work = self._staged(out, copy_in=False, host=chosen == "shm")
             flat = work.view(-1)
             part = t.numel()
             mine = flat[self.rank * part : (self.rank + 1) * part]
             if mine.data_ptr() != t.data_ptr() or t.device != work.device or not t.is_contiguous():
                 mine.copy_(t.reshape(-1))
             if self.size > 1 and part:
-                TABLE[algorithm].allgather(self, flat)
+                TABLE[chosen].allgather(self, flat)
             if work is not out:
                 out.copy_(work)
             return out
@@ -214,6 +220,12 @@ class Communicator(Transport):
             raise ValueError(f"algorithm 'shm' {why}; use 'ring' or 'native'")
         return algorithm
 
+    def _hosts(self) -> Topology:
+        """Which ranks share a host. Collective the first time: call it inside a collective, where every rank does."""
+        if self._topology is None:
+            self._topology = Topology.of(self._allgather_object(place()))
+        return self._topology
+
     def open_flight(self) -> None:
         """Start the flight recorder: collective, the last step of a transport's __init__ (verify.py, flight.py)."""
         if self.size > 1:
@@ -261,7 +273,10 @@ class Communicator(Transport):
     def _plain_timeout(self, what: str, missing: list[int]) -> CollectiveTimeout:
         return super()._timeout(what, missing)
 
-    def _close_flight(self) -> None:
+    def _close_parts(self) -> None:
+        """What every transport's close ends first: the hierarchical algorithm's groups, then the recorder."""
+        for group in {g for pair in self._groups.values() for g in pair}:
+            group.close()
         if self._board is not None:
             self._board.close()
 

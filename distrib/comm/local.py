@@ -29,6 +29,9 @@ class LocalCommunicator(Communicator):
     def wait_all(self, pending: Pending, what: str) -> None:
         return None
 
+    def split(self, color: int, key: int) -> LocalCommunicator:
+        return LocalCommunicator(timeout=self.timeout)
+
     def _shm_unavailable(self) -> str:
         return ""  # one rank shares memory with itself: "shm", like every algorithm, is the identity
 

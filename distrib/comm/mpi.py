@@ -145,8 +145,16 @@ class MPICommunicator(Communicator):
     def _native_barrier(self) -> None:
         self.wait_all([(self._comm.Ibarrier(), -1)], "MPI barrier")
 
+    def split(self, color: int, key: int) -> MPICommunicator:
+        self._native_barrier()  # all ranks are here (a wait with a deadline) before calls that have none
+        part = self._comm.Split(color, key)
+        try:
+            return MPICommunicator(part, timeout=self.timeout)
+        finally:
+            part.Free()
+
     def close(self) -> None:
-        self._close_flight()
+        self._close_parts()
         if self._shared is not None:
             self._shared.close()
         self._host.Free()

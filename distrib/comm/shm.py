@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from mpi4py import MPI
 
-from distrib.comm.algorithms import chunks, combine_
+from distrib.comm.arrays import chunks, combine_
 
 PIECE_BYTES = 1 << 20  # per buffer: BUFFERS x ranks of them fit the L3 cache a host's cores share
 BUFFERS = 3  # piece i+3 reuses piece i's buffers, when every rank has passed two more waits

@@ -143,8 +143,18 @@ class TorchCommunicator(Communicator):
         token = torch.zeros(1, device=self.device)
         self._native_allreduce(token, "sum")  # an allreduce, because gloo's barrier ignores wait timeouts
 
+    def split(self, color: int, key: int) -> TorchCommunicator:
+        """The ranks of one color make their group among themselves (new_group with local synchronisation)."""
+        everyone = self._allgather_object((color, key, self.rank))
+        world = dist.get_process_group_ranks(self._group) if self._group is not None else list(range(self.size))
+        ranks = [r for c, _, r in sorted(e for e in everyone if e[0] == color)]  # by key, then by rank
+        group = dist.new_group(
+            [world[r] for r in ranks], timeout=timedelta(seconds=self.timeout), use_local_synchronization=True
+        )
+        return TorchCommunicator.over(group, self.timeout)
+
     def close(self) -> None:
-        self._close_flight()
+        self._close_parts()
         if self._group is not None:  # a group made elsewhere is its maker's to end
             return
         if dist.is_initialized():

@@ -67,6 +67,13 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def _native_barrier(self) -> None: ...
 
+    def split(self, color: int, key: int) -> Transport:
+        """The ranks that pass the same `color`, ranked by `key`, as a communicator of their own (MPI_Comm_split).
+
+        Collective: every rank calls it, at the same point.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot split")
+
     def close(self) -> None:  # noqa: B027 -- most transports hold nothing to release
         """Release the transport's resources; the communicator must not be used afterwards."""
 

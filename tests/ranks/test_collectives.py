@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import random
 import re
 
@@ -10,9 +12,11 @@ import pytest
 import torch
 
 from distrib import CollectiveError, CollectiveTimeout
+from distrib.comm import algorithms, auto
+from distrib.comm.topology import Topology
 
 pytestmark = pytest.mark.mpi  # pytest-mpi's mark: `mpiexec -n N python -m pytest --with-mpi tests/ranks`
-ALGORITHMS = ["naive", "ring", "native", "shm"]
+ALGORITHMS = ["naive", "ring", "native", "shm", "halving_doubling", "hierarchical"]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32, torch.int64]
 HALF = (torch.float16, torch.bfloat16)
 
@@ -244,6 +248,81 @@ def test_shm_buffers_reused_by_pieces_of_every_size(comm):
                 t.view(n, numel), torch.stack([rank_tensor(k, numel * n, dtype).view(n, numel)[k] for k in range(n)])
             )
     shared.close()
+
+
+PRETEND = {  # hosts the ranks of one machine pretend to be on: host-major, alternating, one rank each
+    2: [((0,), (1,))],
+    3: [((0,), (1,), (2,))],
+    4: [((0, 1), (2, 3)), ((0, 2), (1, 3)), ((0,), (1,), (2,), (3,))],
+}
+
+
+@pytest.fixture
+def pretend(comm, monkeypatch):
+    """Make `comm` take the ranks to sit on the given hosts; the sub-communicators made for them are closed after."""
+    made = {}
+
+    def on(hosts: tuple[tuple[int, ...], ...]) -> None:
+        monkeypatch.setattr(comm, "_topology", Topology(hosts))
+        monkeypatch.setattr(comm, "_groups", made)
+
+    yield on
+    if comm.backend == "mpi":
+        for group in {g for pair in made.values() for g in pair}:
+            group.close()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_hierarchical_across_pretend_hosts(comm, pretend):
+    """The cross-host stage and the local-major permutation: ranks of one machine split as if on several hosts."""
+    n = comm.size
+    for hosts in PRETEND[n]:
+        pretend(hosts)
+        for numel in [1, 3, 1001, 300_007]:
+            t = rank_tensor(comm.rank, numel, torch.float64)
+            comm.allreduce(t, algorithm="hierarchical")
+            assert_matches(t, reference(n, numel, torch.float64, "sum"), torch.float64, n)
+        t = rank_tensor(comm.rank, n * 1000, torch.int64)
+        part = comm.reduce_scatter(t, algorithm="hierarchical")
+        expected = reference(n, n * 1000, torch.int64, "sum")[comm.rank * 1000 : (comm.rank + 1) * 1000]
+        assert_matches(part, expected, torch.int64, n)
+        out = comm.allgather(rank_tensor(comm.rank, 7, torch.float32), algorithm="hierarchical")
+        assert torch.equal(out, torch.cat([rank_tensor(r, 7, torch.float32) for r in range(n)])), hosts
+
+
+@pytest.mark.mpi(min_size=3)
+def test_hierarchical_refuses_uneven_hosts_on_every_rank(comm, pretend):
+    pretend(((0, 1), (2,)) if comm.size == 3 else ((0, 1, 2), tuple(range(3, comm.size))))
+    with pytest.raises(ValueError, match=r"algorithm 'hierarchical' needs as many ranks on every host, but this job "
+                       r"has 2 hosts of \[\d, \d\] ranks; use 'ring' or 'halving_doubling'"):  # fmt: skip
+        comm.allreduce(torch.ones(10), algorithm="hierarchical")
+
+
+def test_auto_runs_what_the_model_predicts(comm, tmp_path, monkeypatch):
+    """A model where ring costs 1 ms a message and nothing a byte, halving-doubling nothing a message and 1 ns a
+    byte: on one host of n ranks ring takes 2(n-1) ms, halving-doubling 2(n-1)/n * N ns (n a power of two)."""
+    model = {"ring": {"intra": {"alpha": 1e-3, "beta": 0.0}}, "halving_doubling": {"intra": {"alpha": 0, "beta": 1e-9}}}
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps({"algorithms": model}))
+    monkeypatch.setenv(auto.ENV, str(path))
+    n = comm.size
+    if n in (2, 4):
+        crossover = 2 * (n - 1) * 1e-3 / (2 * (n - 1) / n * 1e-9)  # n * 1e6 bytes
+        assert auto.choose(comm, "auto", int(crossover / 2)) == "halving_doubling"
+        assert auto.choose(comm, "auto", int(crossover * 2)) == "ring"
+    ran = []
+    for name in ("ring", "halving_doubling"):
+        entry = algorithms.TABLE[name]
+        counted = dataclasses.replace(
+            entry, allreduce=lambda c, f, op, e=entry, k=name: ran.append(k) or e.allreduce(c, f, op)
+        )
+        monkeypatch.setitem(algorithms.TABLE, name, counted)
+    for numel in [10, 1_000_003]:
+        t = rank_tensor(comm.rank, numel, torch.float64)
+        comm.allreduce(t, algorithm="auto")
+        assert_matches(t, reference(n, numel, torch.float64, "sum"), torch.float64, n)
+    if n > 1:
+        assert ran == [auto.choose(comm, "auto", 80), auto.choose(comm, "auto", 8_000_024)]
 
 
 def test_objects(comm):

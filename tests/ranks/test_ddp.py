@@ -15,7 +15,7 @@ from distrib.ddp.reducer import Reducer
 
 pytestmark = pytest.mark.mpi  # pytest-mpi's mark: `mpiexec -n N python -m pytest --with-mpi tests/ranks`
 TINY_MB = 1e-6  # every parameter closes its own bucket
-ALGORITHMS = ["naive", "ring", "native"]  # the ones every backend has
+ALGORITHMS = ["naive", "ring", "native", "auto"]  # the ones every backend has; auto picks per bucket
 
 
 def mlp(seed: int) -> nn.Sequential:

@@ -104,7 +104,7 @@ def zero(comm, seed: int | None = None, **kwargs) -> tuple[nn.Module, ZeroOffloa
     return model, ZeroOffloadOptimizer(groups(model), lr=LR, comm=comm, **kwargs)
 
 
-@pytest.mark.parametrize("algorithm", ["naive", "ring", "native"])
+@pytest.mark.parametrize("algorithm", ["naive", "ring", "native", "auto"])
 @pytest.mark.parametrize("micro,clip", [(1, None), (2, 0.05)], ids=["plain", "accumulate+clip"])
 def test_training_matches_torch_adamw_on_the_global_batch(comm, algorithm, micro, clip):
     model, opt = zero(comm, algorithm=algorithm)

@@ -1,7 +1,7 @@
 """One rank's background checkpoint write fails; every rank must hear of it, at the next checkpoint or at the end.
 
-Usage (on 2+ ranks): async_checkpoint_failure.py DIR FAILING_RANK. Prints one JSON line per rank: for each case,
-the CheckpointError it raised (or null), and what DIR held afterwards.
+Usage (on 2+ ranks): async_checkpoint_failure.py DIR FAILING_RANK REPORTS. Each rank writes REPORTS/rank-N.json
+(ranks' stdout can share a line): for each case, the CheckpointError it raised (or null), and what DIR held after.
 """
 
 import errno
@@ -15,7 +15,7 @@ import distrib
 from distrib.checkpoint import Checkpointer, CheckpointError, TrainingState, atomic
 from distrib.loop import Progress
 
-directory, failing = Path(sys.argv[1]), int(sys.argv[2])
+directory, failing, reports = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
 comm = distrib.init()
 model = torch.nn.Linear(4, 2)
 state = TrainingState({"model": model}, {"model": torch.optim.SGD(model.parameters(), lr=0.1)}, {}, Progress(), {})
@@ -43,4 +43,4 @@ for case, then in (("next checkpoint", saver.save), ("end", saver.finish)):
 saver.save()  # step 4 writes fine
 saver.finish()
 report["published"] = sorted(p.name for p in directory.iterdir() if not p.name.endswith(".partial"))
-print(json.dumps(report), flush=True)
+(reports / f"rank-{comm.rank}.json").write_text(json.dumps(report))

@@ -1,11 +1,14 @@
 """A few SGD steps of a tiny model with distrib, for comparing runs across hosts with a run on one.
 
-Each rank checks an allreduce of known values with every algorithm, then trains: it computes gradients on its
-equal shard of a fixed global batch, averages them with `comm.allreduce(grad, op="avg")`, and steps; rank 0
-saves the weights to OUT. With equal shards the average is the full batch's gradient, so any world size trains
-the same weights. Every rank prints one line naming its rank and network namespace.
+Each rank checks an allreduce of known values with naive, ring and native (with --check-all: every algorithm
+that runs across hosts, "auto" included, and reduce-scatter and allgather too), then trains: it computes
+gradients on its equal shard of a fixed global batch, averages them with `comm.allreduce(grad, op="avg")`, and
+steps; rank 0 saves the weights to OUT. With equal shards the average is the full batch's gradient, so any world
+size trains the same weights. Every rank prints one line naming its rank and network namespace; with --picks,
+rank 0 first prints what algorithm "auto" runs at each size, as `auto SIZE -> ALGORITHM`.
 
-Usage: two_hosts_train.py BACKEND OUT [--steps N] [--pause SECONDS] [--algorithm native|ring|naive]
+Usage: two_hosts_train.py BACKEND OUT [--steps N] [--pause SECONDS] [--algorithm NAME] [--check-all]
+    [--picks BYTES ...]
 """
 
 import argparse
@@ -15,19 +18,32 @@ import time
 import torch
 
 import distrib
+from distrib.comm import auto
 
 GLOBAL_BATCH = 32
-ALGORITHMS = ("naive", "ring", "native")  # the ones that work across hosts ("shm" needs one)
+ALGORITHMS = ("naive", "ring", "native")
+EVERY = ("naive", "ring", "native", "halving_doubling", "hierarchical", "auto")  # all that cross hosts (not shm)
 CHECK_SIZE = 100_000  # float64 elements: 800 kB, so the check's traffic is easy to tell from wire-up chatter
 
 
-def check_allreduce(comm: distrib.Communicator) -> None:
-    """Rank r gives (r + 1) * [0, 1, ...]; the sum is size (size + 1) / 2 times that, exact in float64."""
-    base = torch.arange(CHECK_SIZE, dtype=torch.float64)
-    for algorithm in ALGORITHMS:
-        t = base * (comm.rank + 1)
-        comm.allreduce(t, op="sum", algorithm=algorithm)
-        torch.testing.assert_close(t, base * (comm.size * (comm.size + 1) // 2), rtol=0, atol=0)
+def check_allreduce(comm: distrib.Communicator, algorithms: tuple[str, ...], collectives: bool) -> None:
+    """Rank r gives (r + 1) * [0, 1, ...]; the sum is size (size + 1) / 2 times that, exact in float64. With
+    `collectives`, also a reduce-scatter (each rank's rows of that sum) and an allgather (rank r's rows all r)."""
+    total = comm.size * (comm.size + 1) // 2
+    for numel in (CHECK_SIZE, 3, 1001) if collectives else (CHECK_SIZE,):
+        base = torch.arange(numel, dtype=torch.float64)
+        for algorithm in algorithms:
+            t = base * (comm.rank + 1)
+            comm.allreduce(t, op="sum", algorithm=algorithm)
+            torch.testing.assert_close(t, base * total, rtol=0, atol=0, msg=f"{algorithm} allreduce of {numel}")
+            if not collectives:
+                continue
+            rows = torch.arange(comm.size * numel, dtype=torch.float64).view(comm.size, numel)
+            part = comm.reduce_scatter(rows * (comm.rank + 1), algorithm=algorithm)
+            assert torch.equal(part, rows[comm.rank : comm.rank + 1] * total), f"{algorithm} reduce_scatter {numel}"
+            everyone = comm.allgather(torch.full((numel,), float(comm.rank), dtype=torch.float64), algorithm=algorithm)
+            expected = torch.arange(comm.size, dtype=torch.float64).repeat_interleave(numel)
+            assert torch.equal(everyone, expected), f"{algorithm} allgather of {numel}"
 
 
 def train(comm: distrib.Communicator, steps: int, pause: float) -> torch.nn.Module:
@@ -60,9 +76,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--pause", type=float, default=0.0, help="seconds to sleep after each step")
     parser.add_argument("--algorithm", default="native", help="the gradients' allreduce")
+    parser.add_argument("--check-all", action="store_true", help="every algorithm, and every collective")
+    parser.add_argument("--picks", type=int, nargs="*", default=[], help="sizes to report auto's choice at")
     args = parser.parse_args()
     comm = distrib.init(args.backend, algorithm=args.algorithm)
-    check_allreduce(comm)
+    for nbytes in args.picks:
+        pick = auto.choose(comm, "auto", nbytes)
+        if comm.rank == 0:
+            print(f"auto {nbytes} -> {pick}", flush=True)
+    check_allreduce(comm, EVERY if args.check_all else ALGORITHMS, args.check_all)
     model = train(comm, args.steps, args.pause)
     if comm.rank == 0:
         torch.save(model.state_dict(), args.out)
