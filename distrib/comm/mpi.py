@@ -110,6 +110,9 @@ class MPICommunicator(Communicator):
             return f"needs every rank on one host, but these {self._comm.Get_size()} ranks span several hosts"
         return ""
 
+    def shared_zeros(self, numel: int, dtype: torch.dtype) -> torch.Tensor | None:
+        return None if self._shm_unavailable() else self._shm().regions.make(self, numel, dtype)
+
     def _shm(self) -> SharedMemory:
         if self._shared is None:
             self._native_barrier()  # all ranks are here (a wait with a deadline) before a set-up that has none

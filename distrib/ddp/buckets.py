@@ -9,7 +9,7 @@ the same buckets, index for index, as under torch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -47,10 +47,19 @@ def initial_layout(params: Sequence[torch.Tensor], limits: Sequence[int]) -> lis
     return sorted(assign(params, range(len(params)), limits), key=min)[::-1]
 
 
+Zeros = Callable[[int, torch.dtype, torch.device], torch.Tensor]  # a bucket's memory: numel, dtype, device
+
+
+def torch_zeros(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.zeros(numel, dtype=dtype, device=device)
+
+
 class Bucket:
     """One flat buffer holding the gradients of `indices`, each parameter a view at its offset."""
 
-    def __init__(self, params: Sequence[torch.Tensor], indices: list[int], index: int, last: bool) -> None:
+    def __init__(
+        self, params: Sequence[torch.Tensor], indices: list[int], index: int, last: bool, zeros: Zeros = torch_zeros
+    ) -> None:
         self.indices, self.index, self.last = indices, index, last
         first = params[indices[0]]
         self.params = [params[i] for i in indices]
@@ -59,7 +68,7 @@ class Bucket:
         for p in self.params:
             self.offsets.append(offset)
             offset += p.numel()
-        self.flat = torch.zeros(offset, dtype=first.dtype, device=first.device)
+        self.flat = zeros(offset, first.dtype, first.device)
         self.views = {i: self._view(self.flat, k) for k, i in enumerate(indices)}
         self.pending = len(indices)
         self.work = None  # a distrib Handle, or a torch Future when a comm hook ran

@@ -18,7 +18,7 @@ import torch
 
 from distrib.comm import Communicator
 from distrib.ddp import messages
-from distrib.ddp.buckets import UNLIMITED, Bucket, GradBucket, aliases, assign, initial_layout
+from distrib.ddp.buckets import UNLIMITED, Bucket, GradBucket, aliases, assign, initial_layout, torch_zeros
 
 _engine = torch.autograd.Variable._execution_engine
 
@@ -59,11 +59,21 @@ class Reducer:
         self.join_work: Any = None  # the join context's "still training" allreduce, for the divide factor
         self.static_world_size, self.rebuilt, self.ready_order = True, False, []
 
-    def _build(self, layout: list[list[int]]) -> None:
-        last = len(layout) - 1
-        self.buckets = [Bucket(self.params, indices, k, k == last) for k, indices in enumerate(layout)]
+    def _build(self, layout: list[list[int]], collective: bool = False) -> None:
+        """Buckets of `layout`; `collective` (the rebuild, which every rank takes together) may share memory."""
+        last, zeros = len(layout) - 1, self._zeros if collective else torch_zeros
+        self.buckets = [Bucket(self.params, indices, k, k == last, zeros) for k, indices in enumerate(layout)]
         self.bucket_of = {i: bucket for bucket in self.buckets for i in bucket.indices}
         self.launched = 0
+
+    def _zeros(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A bucket's memory: where algorithm "shm" (or "auto", which may pick it) runs on CPU tensors, memory the
+        host's ranks share, reduced where it lies (comm/regions.py); else ordinary. Collective."""
+        if device.type == "cpu" and (self.algorithm or self.comm.algorithm) in ("shm", "auto"):
+            shared = self.comm.shared_zeros(numel, dtype)
+            if shared is not None:
+                return shared
+        return torch.zeros(numel, dtype=dtype, device=device)
 
     # Modes.
 
@@ -100,7 +110,7 @@ class Reducer:
         order = torch.tensor(self.ready_order[: len(self.params)], dtype=torch.int64)
         self.comm.broadcast(order, 0)
         old = self.buckets
-        self._build(assign(self.params, order.tolist(), [self.first_cap, self.cap]))
+        self._build(assign(self.params, order.tolist(), [self.first_cap, self.cap]), collective=True)
         if self.grad_as_view:  # gradients that were views of the old buckets move into the new ones
             for bucket in old:
                 for i in bucket.indices:
