@@ -1,13 +1,15 @@
 """How fast is distrib's DDP? Training steps of a 21M-parameter MLP (7 tensors) or a 19.5M-parameter GPT (100
 tensors) against torch's DDP over gloo, at 1, 2, 4 ranks.
 
-python -m benchmarks.ddp [--model mlp|gpt|gpt-tiny] [--ranks 1 2 4] [--json FILE] [--plot FILE.png]
+python -m benchmarks.ddp [--model mlp|gpt|gpt-tiny] [--ranks 1 2 4] [--runs 5] [--json FILE] [--plot FILE.png]
                                                             (drives one mpiexec job per world size)
 mpiexec -n N python -m benchmarks.ddp --worker ROWS.json    (one world size; torchrun works too, without the mpi rows)
 Every implementation trains its own copy of the model from the same start; they take turns round by round (a fresh
 model each round, the order rotating) so background load hits all alike. A step's time is the slowest rank's.
 Where the time goes: "no communication" (the plain module) is the compute; step minus compute is the exposed
 communication; allreduce_ms is one allreduce of all the gradients alone (84 MB, 78 MB), the communication to hide.
+vs_plain is a step over the no-communication step; --runs N repeats everything and reports each ratio's median
+over the runs (each ratio taken within its run), the rows of the last run beside them.
 """
 
 from __future__ import annotations
@@ -38,9 +40,14 @@ MODELS = ("mlp", *gpt.SIZES)
 # gpt.BLOCK tokens, about as much compute a step as the MLP's 256 samples.
 GLOBAL_BATCH = {"mlp": 256, "gpt": 8, "gpt-tiny": 8}
 PLAIN, TORCH = "no communication", "torch DDP gloo"
+# Untimed steps of each fresh model: the first, after which DDP (torch's and distrib's) rebuilds its buckets in
+# gradient order, and the second, the first in the new buckets, whose memory is touched for the first time.
+WARMUP = 2
 COLUMNS = {"ranks": "d", "impl": "", "median_ms": ".1f", "min_ms": ".1f", "max_ms": ".1f", "samples_per_s": ".0f"}
-COLUMNS |= {"efficiency": ".2f", "vs_torch": ".2f", "exposed_comm_ms": ".1f", "allreduce_ms": ".1f"}
+COLUMNS |= {"efficiency": ".2f", "vs_torch": ".2f", "vs_plain": ".3f", "exposed_comm_ms": ".1f", "allreduce_ms": ".1f"}
 PARTS = {"impl": "", **{f"{name}_ms": ".1f" for name in FIELDS}}  # the breakdown's table, distrib's rows
+RATIOS = {"ranks": "d", "impl": "", "vs_plain_median": ".3f", "vs_torch_median": ".3f"}
+RATIOS |= {"exposed_vs_alone_median": ".2f"}
 
 
 def mlp() -> nn.Sequential:
@@ -107,7 +114,7 @@ def allreduce_ms(comm, algorithm: str | None, numel: int, repeats: int) -> float
 
 
 def worker(out: Path, model_name: str, rounds: int, steps: int, only: list[str] | None) -> None:
-    """One rank: every implementation trains `steps` timed steps (after one untimed) per round, taking turns."""
+    """One rank: every implementation trains `steps` timed steps (after WARMUP untimed) per round, taking turns."""
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     comms = communicators()
     comm = next(iter(comms.values()))
@@ -125,7 +132,7 @@ def worker(out: Path, model_name: str, rounds: int, steps: int, only: list[str] 
             for impl in names[r % len(names) :] + names[: r % len(names)]:
                 model = kept[impl] if impl in kept else wrap[impl](build(model_name))
                 optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-                for s in range(steps + 1):
+                for s in range(WARMUP + steps):
                     comm.barrier()
                     breakdown.take()
                     start = time.perf_counter()
@@ -133,7 +140,7 @@ def worker(out: Path, model_name: str, rounds: int, steps: int, only: list[str] 
                     optimizer.step()
                     optimizer.zero_grad()
                     took = comm.allreduce(torch.tensor([time.perf_counter() - start]), op="max")
-                    if s:
+                    if s >= WARMUP:
                         times[impl].append(float(took))
                         parts[impl].append(breakdown.take())
                 del model, optimizer
@@ -201,8 +208,23 @@ def drive(model: str, ranks: list[int], rounds: int, steps: int, threads: int, o
         same = {r["ranks"]: r for r in rows if r["impl"] == row["impl"]}
         torch_ddp = next(r for r in rows if r["impl"] == TORCH and r["ranks"] == row["ranks"])
         row["vs_torch"] = row["median_ms"] / torch_ddp["median_ms"]
+        plain = next(r for r in rows if r["impl"] == PLAIN and r["ranks"] == row["ranks"])
+        row["vs_plain"] = row["median_ms"] / plain["median_ms"]
+        row["exposed_vs_alone"] = row["exposed_comm_ms"] / row["allreduce_ms"] if row["allreduce_ms"] else None
         one = same.get(1)
         row["efficiency"] = row["samples_per_s"] / (row["ranks"] * one["samples_per_s"]) if one else None
+    return rows
+
+
+def across(runs: list[list[dict]]) -> list[dict]:
+    """The last run's rows, each with its ratios in every run and their medians (ratios taken within a run)."""
+    rows = runs[-1]
+    for row in rows:
+        same = [next(r for r in run if (r["impl"], r["ranks"]) == (row["impl"], row["ranks"])) for run in runs]
+        for ratio in ("vs_plain", "vs_torch", "exposed_vs_alone"):
+            values = [r[ratio] for r in same if r[ratio] is not None]
+            row[f"{ratio}_runs"] = values
+            row[f"{ratio}_median"] = statistics.median(values) if values else None
     return rows
 
 
@@ -230,7 +252,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4], help="world sizes")
     parser.add_argument("--rounds", type=int, default=5, help="turns each implementation takes, a fresh model each")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per round (after one untimed)")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per round (after WARMUP untimed)")
+    parser.add_argument("--runs", type=int, default=1, help="whole runs; ratios are reported as their medians")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS per rank")
     parser.add_argument("--model", choices=MODELS, default="mlp", help="a few large tensors, or a GPT's many")
     parser.add_argument("--json", type=Path, help="all rows (default: results/ddp.json, ddp_gpt.json for the GPT)")
@@ -240,8 +263,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--worker", type=Path, help="run one world size under a launcher, rows to this file")
     args = parser.parse_args(argv)
-    if min(args.ranks) < 1 or args.rounds < 1 or args.steps < 1 or args.threads < 1:
-        parser.error("--ranks, --rounds, --steps and --threads must all be >= 1")
+    if min(args.ranks) < 1 or min(args.rounds, args.steps, args.threads, args.runs) < 1:
+        parser.error("--ranks, --rounds, --steps, --threads and --runs must all be >= 1")
     if args.worker:
         worker(args.worker, args.model, args.rounds, args.steps, args.impls)
         return
@@ -249,17 +272,24 @@ def main(argv: list[str] | None = None) -> None:
     args.plot = args.plot or args.json.with_suffix(".png")
     stamp = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     load = os.getloadavg()[0]
-    rows = drive(args.model, args.ranks, args.rounds, args.steps, args.threads, args.impls)
+    runs = []
+    for run in range(args.runs):
+        runs.append(drive(args.model, args.ranks, args.rounds, args.steps, args.threads, args.impls))
+        print(f"run {run + 1} of {args.runs} done, load average {os.getloadavg()[0]:.1f}", flush=True)
+    rows = across(runs)
     title = (
         f"Training step of {describe(args.model)} ({rows[0]['params']:,} parameters), "
         f"global batch {GLOBAL_BATCH[args.model]}, "
         f"{args.threads} thread(s) per rank, {args.rounds * args.steps} timed steps (slowest rank)"
     )
-    print_table(title, rows, COLUMNS)
+    print_table(title + (f", the last of {args.runs} runs" if args.runs > 1 else ""), rows, COLUMNS)
+    if args.runs > 1:
+        print_table(f"Ratios, median over {args.runs} runs (each a ratio within its run)", rows, RATIOS)
     for n in args.ranks:
         mine = [r for r in rows if r["ranks"] == n and r["impl"].startswith("distrib")]
         print_table(f"Where distrib's step goes at {n} rank(s), ms a step (benchmarks/ddp_breakdown.py)", mine, PARTS)
     settings = {"ranks": args.ranks, "rounds": args.rounds, "steps": args.steps, "threads": args.threads}
+    settings |= {"runs": args.runs, "warmup_steps": WARMUP}
     settings |= {"model": args.model, "global_batch": GLOBAL_BATCH[args.model], "optimizer": "SGD"}
     settings |= {"widths": WIDTHS} if args.model == "mlp" else {"gpt": gpt.describe(args.model)}
     args.json.parent.mkdir(parents=True, exist_ok=True)
