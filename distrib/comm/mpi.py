@@ -94,8 +94,9 @@ class MPICommunicator(Communicator):
     def wait_all(self, pending: Pending, what: str) -> None:
         # MPI's own waits cannot time out, so poll: a dead or missing peer becomes an error, not a hang.
         requests = [request for request, _ in pending]
-        if requests and not MPI.Request.Testall(requests):
-            self._until(lambda: MPI.Request.Testall(requests), what, lambda: [p for r, p in pending if not r.Test()])
+        done = requests[0].Test if len(requests) == 1 else lambda: MPI.Request.Testall(requests)  # one: no list
+        if requests and not done():
+            self._until(done, what, lambda: [p for r, p in pending if not r.Test()])
 
     def _until(self, done: Callable[[], bool], what: str, missing: Callable[[], list[int]]) -> None:
         """Poll `done` until it holds, else raise CollectiveTimeout naming `what` and the `missing()` ranks."""
