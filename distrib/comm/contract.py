@@ -87,7 +87,7 @@ def poll(
     (peers on other cores answer within microseconds), then letting go of the GIL between polls; past that it
     sleeps between polls, or calls `pause` (which should sleep until something may have changed), from
     NAP_SECONDS doubling up to MAX_NAP_SECONDS. Where ranks outnumber cores (the peer may need this core), each
-    poll yields the core. `every`, if given, runs about every SLOW_CHECK seconds of waiting, for looks too costly
+    poll yields the core, or calls `pause` from the start. `every`, if given, runs about every SLOW_CHECK seconds of waiting, for looks too costly
     for each poll (it may raise to end the wait).
     """
     if done():
@@ -104,12 +104,11 @@ def poll(
             if every is not None and waited > slow:
                 slow = waited + SLOW_CHECK
                 every()
-        if waited > SPIN_SECONDS:
-            if pause is not None:
-                pause()
-            else:
-                time.sleep(nap)
-                nap = min(2 * nap, MAX_NAP_SECONDS)
+        if pause is not None and (crowded or waited > SPIN_SECONDS):
+            pause()
+        elif waited > SPIN_SECONDS:
+            time.sleep(nap)
+            nap = min(2 * nap, MAX_NAP_SECONDS)
         elif crowded or waited > GRAB_SECONDS:
             give()
     return True
