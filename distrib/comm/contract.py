@@ -87,8 +87,8 @@ def poll(
     (peers on other cores answer within microseconds), then letting go of the GIL between polls; past that it
     sleeps between polls, or calls `pause` (which should sleep until something may have changed), from
     NAP_SECONDS doubling up to MAX_NAP_SECONDS. Where ranks outnumber cores (the peer may need this core), each
-    poll yields the core, or calls `pause` from the start. `every`, if given, runs about every SLOW_CHECK seconds of waiting, for looks too costly
-    for each poll (it may raise to end the wait).
+    poll yields the core, or calls `pause` from the start. `every`, if given, runs about every SLOW_CHECK seconds
+    of waiting, for looks too costly for each poll (it may raise to end the wait).
     """
     if done():
         return True
