@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import sys
 
 import pytest
@@ -100,6 +101,7 @@ def test_ddp_benchmark_at_one_and_two_ranks(tmp_path):
 def test_ddp_benchmark_trains_the_gpt(tmp_path):  # the code of the 19.5M-parameter GPT, at the tiny size
     out, png = tmp_path / "ddp.json", tmp_path / "ddp.png"
     args = ["--model", "gpt-tiny", "--ranks", "2", "--rounds", "1", "--steps", "1", "--impls", "distrib mpi ring"]
+    args += ["--runs", "2"]
     result = run([sys.executable, "-m", "benchmarks.ddp", *args, "--json", str(out), "--plot", str(png)], timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -112,6 +114,9 @@ def test_ddp_benchmark_trains_the_gpt(tmp_path):  # the code of the 19.5M-parame
         assert r["vs_torch"] == pytest.approx(r["median_ms"] / torch_ddp["median_ms"]), r
         assert r["samples_per_s"] == pytest.approx(8 / (r["median_ms"] / 1e3)), r
         assert (r["allreduce_ms"] is None) == (r["impl"] == "no communication"), r
+        assert r["vs_plain"] == pytest.approx(r["median_ms"] / rows[0]["median_ms"]), r
+        assert len(r["vs_plain_runs"]) == 2 and r["vs_plain_runs"][-1] == r["vs_plain"], r  # this run's is the last
+        assert r["vs_torch_median"] == pytest.approx(statistics.median(r["vs_torch_runs"])), r
 
 
 def test_zero_benchmark_cpu_adam_and_train_at_one_and_two_ranks(tmp_path):
@@ -154,9 +159,11 @@ def test_zero_benchmark_trains_the_gpt(tmp_path):  # the code of the 19.5M-param
     assert rows[1]["memory_vs_ddp"] == pytest.approx(0.5, rel=1e-3)  # a shard of Adam's state per rank
 
 
-def test_ddp_benchmark_refuses_bad_arguments():
-    result = run([sys.executable, "-m", "benchmarks.ddp", "--ranks", "0"], timeout=120)
-    assert result.returncode == 2 and "--ranks, --rounds, --steps and --threads must all be >= 1" in result.stderr
+@pytest.mark.parametrize("bad", [["--ranks", "0"], ["--runs", "0"]])
+def test_ddp_benchmark_refuses_bad_arguments(bad):
+    result = run([sys.executable, "-m", "benchmarks.ddp", *bad], timeout=120)
+    expected = "--ranks, --rounds, --steps, --threads and --runs must all be >= 1"
+    assert result.returncode == 2 and expected in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("text,value", [("4096", 4096), ("4K", 4096), ("256M", 256 << 20), ("1GiB", 1 << 30)])

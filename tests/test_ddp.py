@@ -61,8 +61,14 @@ def test_world_of_one_gives_the_plain_module_gradients(comm, as_view):
             assert torch.equal(p.grad, q.grad), name
     assert len(ddp.reducer.buckets) > 1
     flat = {b.flat.untyped_storage().data_ptr() for b in ddp.reducer.buckets}
-    in_buckets = [p.grad.untyped_storage().data_ptr() in flat for p in ddp.parameters()]
-    assert all(in_buckets) if as_view else not any(in_buckets)
+    assert all(p.grad.untyped_storage().data_ptr() in flat for p in ddp.parameters())  # handed over, not copied
+    assert all((p.grad._base is not None) == as_view for p in ddp.parameters())  # a view only when asked for one
+    kept = [p.grad for p in ddp.parameters()]
+    before = [g.clone() for g in kept]
+    ddp.zero_grad(set_to_none=True)
+    F.mse_loss(ddp(2 * x), y).backward()  # kept gradients change only where torch's do: views of the buckets
+    assert all(torch.equal(g, b) != as_view for g, b in zip(kept, before))
+    assert not any(torch.equal(p.grad, b) for p, b in zip(ddp.parameters(), before))
 
 
 def test_state_dict_train_and_eval_as_torch_ddp(comm):

@@ -28,7 +28,9 @@ DTYPES = (
 Array = torch.Tensor | np.ndarray  # what the Python algorithms work on: a tensor, or a numpy view of a CPU one
 DEFAULT_TIMEOUT = 300.0  # seconds; generous for big models on slow links, DISTRIB_TIMEOUT overrides
 CHECK_EVERY = 32  # polls between looks at the clock
-SPIN_SECONDS = 2e-4  # poll without yielding this long: on a busy host one yield can cost a whole time slice
+SPIN_SECONDS = 2e-4  # poll without sleeping this long: on a busy host one yield can cost a whole time slice
+GRAB_SECONDS = 2e-5  # of that, poll holding the GIL this long: a small message's reply comes within it
+NAP_SECONDS, MAX_NAP_SECONDS = 2e-5, 5e-4  # past SPIN_SECONDS, sleeps between polls, doubling: a late peer
 SLOW_CHECK = 0.2  # seconds between a wait's costlier looks (is a peer dead, finished?)
 MAX_TIMEOUT = 1e6  # seconds (11.6 days): a deadline must be one; torch's own turn 1e10 into garbage
 
@@ -80,28 +82,42 @@ def poll(
 ) -> bool:
     """Call `done` until it returns True (then True) or `timeout` seconds pass (then False).
 
-    Short waits spin: peers on other cores answer within microseconds. Long waits, and every wait when ranks
-    outnumber cores (the peer may need this core to make progress), yield the core between polls, or call `pause`
-    (which should sleep until something may have changed: on a busy host a yield can give the core away for a
-    whole time slice, milliseconds). `every`, if given, runs about every SLOW_CHECK seconds of waiting, for looks
-    too costly for each poll (it may raise to end the wait).
+    A wait gives way by stages, because the process's other threads (backward's hooks, while the engine thread
+    waits here) need the GIL and the core: the first SPIN_SECONDS poll, pure spinning only for GRAB_SECONDS
+    (peers on other cores answer within microseconds), then letting go of the GIL between polls; past that it
+    sleeps between polls, or calls `pause` (which should sleep until something may have changed), from
+    NAP_SECONDS doubling up to MAX_NAP_SECONDS. Where ranks outnumber cores (the peer may need this core), each
+    poll yields the core, or calls `pause` from the start. `every`, if given, runs about every SLOW_CHECK seconds
+    of waiting, for looks too costly for each poll (it may raise to end the wait).
     """
     if done():
         return True
-    start, spins, patient, slow = time.monotonic(), 0, crowded, SLOW_CHECK
+    start, spins, slow, nap = time.monotonic(), 0, SLOW_CHECK, NAP_SECONDS
+    give = os.sched_yield if crowded else _let_go
+    waited = 0.0
     while not done():
         spins += 1
         if spins % CHECK_EVERY == 0:
             waited = time.monotonic() - start
             if waited > timeout:
                 return False
-            patient = patient or waited > SPIN_SECONDS
             if every is not None and waited > slow:
                 slow = waited + SLOW_CHECK
                 every()
-        if patient:
-            pause() if pause is not None else os.sched_yield()
+        if pause is not None and (crowded or waited > SPIN_SECONDS):
+            pause()
+        elif waited > SPIN_SECONDS:
+            time.sleep(nap)
+            nap = min(2 * nap, MAX_NAP_SECONDS)
+        elif crowded or waited > GRAB_SECONDS:
+            give()
     return True
+
+
+def _let_go() -> None:
+    """Release the GIL for a moment, so that a thread waiting for it can take it (a pure-Python spin would hold
+    it for the whole switch interval, 5 ms)."""
+    time.sleep(0)
 
 
 def split(n: int, rank: int, parts: int) -> tuple[int, int]:

@@ -94,8 +94,9 @@ class MPICommunicator(Communicator):
     def wait_all(self, pending: Pending, what: str) -> None:
         # MPI's own waits cannot time out, so poll: a dead or missing peer becomes an error, not a hang.
         requests = [request for request, _ in pending]
-        if requests and not MPI.Request.Testall(requests):
-            self._until(lambda: MPI.Request.Testall(requests), what, lambda: [p for r, p in pending if not r.Test()])
+        done = requests[0].Test if len(requests) == 1 else lambda: MPI.Request.Testall(requests)  # one: no list
+        if requests and not done():
+            self._until(done, what, lambda: [p for r, p in pending if not r.Test()])
 
     def _until(self, done: Callable[[], bool], what: str, missing: Callable[[], list[int]]) -> None:
         """Poll `done` until it holds, else raise CollectiveTimeout naming `what` and the `missing()` ranks."""
@@ -109,6 +110,9 @@ class MPICommunicator(Communicator):
         if self._host.Get_size() < self._comm.Get_size():
             return f"needs every rank on one host, but these {self._comm.Get_size()} ranks span several hosts"
         return ""
+
+    def shared_zeros(self, numel: int, dtype: torch.dtype) -> torch.Tensor | None:
+        return None if self._shm_unavailable() else self._shm().regions.make(self, numel, dtype)
 
     def _shm(self) -> SharedMemory:
         if self._shared is None:

@@ -16,6 +16,7 @@ import torch
 from mpi4py import MPI
 
 from distrib.comm.arrays import chunks, combine_
+from distrib.comm.regions import Regions
 
 PIECE_BYTES = 1 << 20  # per buffer: BUFFERS x ranks of them fit the L3 cache a host's cores share
 BUFFERS = 3  # piece i+3 reuses piece i's buffers, when every rank has passed two more waits
@@ -45,6 +46,7 @@ class SharedMemory:
             offset = HEADER - MPI.Get_address(m) % 64
             self._buffers.append(torch.frombuffer(m, dtype=torch.uint8, offset=offset, count=BUFFERS * piece_bytes))
         self._typed: dict[torch.dtype, list[list[torch.Tensor]]] = {}
+        self.regions = Regions()  # tensors every rank maps, reduced where they lie (allreduce_regions_)
         self._flags[self.rank][0] = self._arrivals = self._pieces = 0
         host.Barrier()  # every flag is zero before anyone waits on one
 
@@ -54,6 +56,8 @@ class SharedMemory:
         One wait per piece: after the wait for piece i, every rank's inputs of piece i and results of piece
         i-1 are in place; every rank has read piece i's buffers before it waits for piece i+2.
         """
+        if (regions := self.regions.of(flat)) is not None:
+            return self.allreduce_regions_(regions, op)
         if self.size == 2 or flat.numel() * flat.itemsize <= SMALL_BYTES:
             return self._allreduce_whole_(flat, op)
         cap = self._piece // flat.itemsize
@@ -76,6 +80,23 @@ class SharedMemory:
         if previous is not None:
             self._arrive("shm allreduce (results)")
             self._gather_results(*previous)
+
+    def allreduce_regions_(self, regions: list[torch.Tensor], op: str) -> None:
+        """Reduce, in place, tensors that live in memory every rank maps (regions.py): rank r sums chunk r of every
+        rank's region, piece by piece, and writes the sum into each. No staging: each byte is read once and written
+        once, by one rank, which also makes the result the same bits everywhere."""
+        mine = regions[self.rank]
+        self._arrive("shm allreduce")  # every rank's inputs are in its region
+        lo, hi = chunks(mine.numel(), self.size)[self.rank]
+        cap = self._piece // mine.itemsize
+        for start in range(lo, hi, cap):
+            piece = slice(start, min(start + cap, hi))
+            total = mine[piece]
+            for k in self._peers:
+                combine_(total, regions[k][piece], op)
+            for k in self._peers:
+                regions[k][piece].copy_(total)
+        self._arrive("shm allreduce (results)")  # every rank's sums are in every region
 
     def _allreduce_whole_(self, flat: torch.Tensor, op: str) -> None:
         """Each rank publishes its pieces whole and combines every slot: at 2 ranks as little copying as

@@ -1,4 +1,5 @@
-"""Slots: small files in memory-backed storage that the processes of one host map, each written by its owner only.
+"""Slots: files in memory-backed storage that the processes of one host map, each written by its owner only (the
+flight recorder's; the regions of regions.py are written by their peers too).
 
 The owner's random nonce heads its slot, so a reader knows it mapped the right one (a folder seen under the same
 name on another host holds another file, or none). The owner removes the file once every reader has mapped it:
@@ -37,16 +38,18 @@ def make(path: str, size: int, nonce: int) -> mmap.mmap | None:
     return slot
 
 
-def attach(path: str, size: int, nonce: int) -> mmap.mmap | None:
-    """Another process's slot, read-only, if it is on this host (its file is here and holds its nonce)."""
+def attach(path: str, size: int, nonce: int, writable: bool = False) -> mmap.mmap | None:
+    """Another process's slot, read-only unless `writable`, if it is on this host (its file is here and holds its
+    nonce)."""
     if not nonce:
         return None
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
     except OSError:
         return None
     try:
-        slot = mmap.mmap(fd, size, prot=mmap.PROT_READ) if os.fstat(fd).st_size == size else None
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        slot = mmap.mmap(fd, size, prot=prot) if os.fstat(fd).st_size == size else None
     finally:
         os.close(fd)
     if slot is not None and int.from_bytes(slot[:8], "little", signed=True) != nonce:

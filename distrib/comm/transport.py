@@ -100,6 +100,11 @@ class Transport(abc.ABC):
             work.copy_(t)
         return work
 
+    def shared_zeros(self, numel: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """Collective: a zeroed CPU tensor in memory every rank maps, which algorithm "shm" reduces where it lies
+        (no staging copy); None where the transport has no such memory (then use any tensor)."""
+        return None
+
     def _shm_unavailable(self) -> str:
         """Why this communicator cannot run algorithm "shm" ("" when it can)."""
         return f"needs the mpi backend (ranks sharing memory through MPI-3 windows), not {self.backend!r}"

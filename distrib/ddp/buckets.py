@@ -9,7 +9,7 @@ the same buckets, index for index, as under torch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -47,18 +47,28 @@ def initial_layout(params: Sequence[torch.Tensor], limits: Sequence[int]) -> lis
     return sorted(assign(params, range(len(params)), limits), key=min)[::-1]
 
 
+Zeros = Callable[[int, torch.dtype, torch.device], torch.Tensor]  # a bucket's memory: numel, dtype, device
+
+
+def torch_zeros(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.zeros(numel, dtype=dtype, device=device)
+
+
 class Bucket:
     """One flat buffer holding the gradients of `indices`, each parameter a view at its offset."""
 
-    def __init__(self, params: Sequence[torch.Tensor], indices: list[int], index: int, last: bool) -> None:
+    def __init__(
+        self, params: Sequence[torch.Tensor], indices: list[int], index: int, last: bool, zeros: Zeros = torch_zeros
+    ) -> None:
         self.indices, self.index, self.last = indices, index, last
         first = params[indices[0]]
         self.params = [params[i] for i in indices]
+        self._position = {i: k for k, i in enumerate(indices)}
         self.offsets, offset = [], 0
         for p in self.params:
             self.offsets.append(offset)
             offset += p.numel()
-        self.flat = torch.zeros(offset, dtype=first.dtype, device=first.device)
+        self.flat = zeros(offset, first.dtype, first.device)
         self.views = {i: self._view(self.flat, k) for k, i in enumerate(indices)}
         self.pending = len(indices)
         self.work = None  # a distrib Handle, or a torch Future when a comm hook ran
@@ -66,6 +76,68 @@ class Bucket:
     def _view(self, flat: torch.Tensor, k: int) -> torch.Tensor:
         p = self.params[k]
         return flat[self.offsets[k] : self.offsets[k] + p.numel()].view(p.shape)
+
+    def slot(self, i: int) -> torch.Tensor:
+        """Parameter i's averaged gradient as a tensor of its own over the bucket's memory, for `.grad`: no copy
+        out of the bucket, and, not being a view, it detaches in place like any gradient."""
+        view = self.views[i]
+        grad = torch.empty(0, dtype=view.dtype, device=view.device)
+        return grad.set_(self.flat.untyped_storage(), view.storage_offset(), view.shape, view.stride())
+
+    def installed(self, i: int) -> bool:
+        """Whether parameter i's `.grad` lives in this bucket, at its place."""
+        grad = self._param(i).grad
+        return grad is not None and aliases(grad, self.views[i])
+
+    def _param(self, i: int) -> torch.Tensor:
+        return self.params[self._position[i]]
+
+    def held_elsewhere(self) -> bool:
+        """Whether anything but this bucket and the gradients it put in `.grad` holds its memory (a gradient the
+        user kept after clearing `.grad`): then the next backward must not write over it."""
+        installed = sum(1 for i in self.indices if self.installed(i))
+        holders = 2 + len(self.views) + installed  # the flat buffer, a temporary handle to it, the views, .grad's
+        return torch._C._storage_Use_Count(self.flat.untyped_storage()._cdata) > holders
+
+    def take(self, i: int, divide: int | None, as_view: bool) -> None:
+        """Parameter i's gradient into the bucket, divided by `divide` (None: as it is, for a comm hook)."""
+        param, view = self._param(i), self.views[i]
+        grad = param.grad
+        if grad is None:
+            view.zero_()
+        elif aliases(grad, view):  # accumulated straight into the bucket
+            if divide is not None:
+                view.div_(divide)
+        else:
+            if divide is None:
+                view.copy_(grad)
+            elif grad.requires_grad:  # backward(create_graph=True): the copy stays differentiable, as torch's
+                view.copy_(grad * (1.0 / divide))
+            else:
+                torch.mul(grad, 1.0 / divide, out=view)  # torch's own scaling
+            if as_view:
+                param.grad = view
+
+    def hand_out(self, i: int, result: torch.Tensor, as_view: bool) -> None:
+        """The average into `.grad`: as a view of the bucket (gradient_as_bucket_view), else as a tensor of its own
+        over the bucket's memory, handed over instead of copied (the next backward accumulates into it, or, once
+        `.grad` is cleared, renews the bucket if the old gradient is still held)."""
+        param, view = self._param(i), self.views[i]
+        if result.data_ptr() != view.data_ptr():  # a comm hook's result lives elsewhere
+            view.copy_(result)
+        if self.installed(i):
+            return
+        if as_view:
+            param.grad = view
+        elif param.grad is not None and (param.grad.requires_grad or not param.is_contiguous()):
+            param.grad.copy_(view)  # a differentiable gradient (create_graph), or one laid out as its parameter
+        else:
+            param.grad = self.slot(i)
+
+    def renew(self) -> None:
+        """Fresh memory for the next backward, the old left to whoever holds it."""
+        self.flat = torch.zeros_like(self.flat)
+        self.views = {i: self._view(self.flat, k) for k, i in enumerate(self.indices)}
 
     def grad_bucket(self) -> GradBucket:
         return GradBucket(self)
@@ -98,3 +170,8 @@ class GradBucket:
 
     def parameters(self) -> list[torch.Tensor]:
         return list(self._bucket.params)
+
+
+def aliases(grad: torch.Tensor, view: torch.Tensor) -> bool:
+    """Whether `grad` is `view`'s memory, shape and layout: a gradient that lives in its bucket."""
+    return grad.data_ptr() == view.data_ptr() and grad.shape == view.shape and grad.stride() == view.stride()

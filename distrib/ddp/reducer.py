@@ -18,7 +18,7 @@ import torch
 
 from distrib.comm import Communicator
 from distrib.ddp import messages
-from distrib.ddp.buckets import UNLIMITED, Bucket, GradBucket, assign, initial_layout
+from distrib.ddp.buckets import UNLIMITED, Bucket, GradBucket, aliases, assign, initial_layout, torch_zeros
 
 _engine = torch.autograd.Variable._execution_engine
 
@@ -59,11 +59,21 @@ class Reducer:
         self.join_work: Any = None  # the join context's "still training" allreduce, for the divide factor
         self.static_world_size, self.rebuilt, self.ready_order = True, False, []
 
-    def _build(self, layout: list[list[int]]) -> None:
-        last = len(layout) - 1
-        self.buckets = [Bucket(self.params, indices, k, k == last) for k, indices in enumerate(layout)]
+    def _build(self, layout: list[list[int]], collective: bool = False) -> None:
+        """Buckets of `layout`; `collective` (the rebuild, which every rank takes together) may share memory."""
+        last, zeros = len(layout) - 1, self._zeros if collective else torch_zeros
+        self.buckets = [Bucket(self.params, indices, k, k == last, zeros) for k, indices in enumerate(layout)]
         self.bucket_of = {i: bucket for bucket in self.buckets for i in bucket.indices}
         self.launched = 0
+
+    def _zeros(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A bucket's memory: where algorithm "shm" (or "auto", which may pick it) runs on CPU tensors, memory the
+        host's ranks share, reduced where it lies (comm/regions.py); else ordinary. Collective."""
+        if device.type == "cpu" and (self.algorithm or self.comm.algorithm) in ("shm", "auto"):
+            shared = self.comm.shared_zeros(numel, dtype)
+            if shared is not None:
+                return shared
+        return torch.zeros(numel, dtype=dtype, device=device)
 
     # Modes.
 
@@ -100,12 +110,12 @@ class Reducer:
         order = torch.tensor(self.ready_order[: len(self.params)], dtype=torch.int64)
         self.comm.broadcast(order, 0)
         old = self.buckets
-        self._build(assign(self.params, order.tolist(), [self.first_cap, self.cap]))
+        self._build(assign(self.params, order.tolist(), [self.first_cap, self.cap]), collective=True)
         if self.grad_as_view:  # gradients that were views of the old buckets move into the new ones
             for bucket in old:
                 for i in bucket.indices:
                     grad = self.params[i].grad
-                    if grad is not None and _aliases(grad, bucket.views[i]):
+                    if grad is not None and aliases(grad, bucket.views[i]):
                         self.bucket_of[i].views[i].copy_(grad)
                         self.params[i].grad = self.bucket_of[i].views[i]
         self.rebuilt, self.ready_order = True, []
@@ -121,6 +131,9 @@ class Reducer:
         self.expect_hooks = True
         for bucket in self.buckets:
             bucket.pending, bucket.work = len(bucket.indices), None
+            if not self.grad_as_view:  # torch's views stay views of the one bucket; a gradient of its own must not
+                if bucket.held_elsewhere():
+                    bucket.renew()
         self.launched = 0
         self.ready = [False] * len(self.params)
         self.marked_unused = False
@@ -158,8 +171,8 @@ class Reducer:
         if self.ready[i]:
             raise RuntimeError(messages.marked_twice(i, self.names[i]))
         self.ready[i] = self.require_finalize = True
-        self._copy_in(i)
         bucket = self.bucket_of[i]
+        self._copy_in(i, bucket)
         bucket.pending -= 1
         if bucket.pending == 0:
             while self.launched < len(self.buckets) and self.buckets[self.launched].pending == 0:
@@ -178,27 +191,12 @@ class Reducer:
                 self.div_factor = int(self.join_work.get_future().value()[0].item())
         return self.div_factor
 
-    def _copy_in(self, i: int) -> None:
+    def _copy_in(self, i: int, bucket: Bucket) -> None:
         """The gradient into its bucket, divided by the world size unless a comm hook divides (torch's scaling)."""
-        param, view = self.params[i], self.bucket_of[i].views[i]
-        grad = param.grad
-        if grad is None:
-            view.zero_()
-            return
         hooked = self.comm_hook is not None
-        if _aliases(grad, view):  # accumulated straight into the bucket (gradient_as_bucket_view)
-            if not hooked:
-                view.div_(self._divide())
-            return
-        if hooked:
-            view.copy_(grad)
-        elif grad.requires_grad:  # backward(create_graph=True): keep the copy differentiable, as torch does
-            messages.warn_create_graph()
-            view.copy_(grad * (1.0 / self._divide()))
-        else:
-            torch.mul(grad, 1.0 / self._divide(), out=view)
-        if self.grad_as_view:
-            param.grad = view
+        if self.params[i].grad is not None and not hooked and self.params[i].grad.requires_grad:
+            messages.warn_create_graph()  # backward(create_graph=True): the copy stays differentiable, as torch's
+        bucket.take(i, None if hooked else self._divide(), self.grad_as_view)
 
     def _launch(self, bucket: Bucket) -> None:
         if self.comm_hook is None:
@@ -224,7 +222,7 @@ class Reducer:
         self.static_first, self.require_finalize = False, True
         self.ready = [True] * len(self.params)
         for i in range(len(self.params)):
-            self._copy_in(i)
+            self._copy_in(i, self.bucket_of[i])
         for bucket in self.buckets:
             self._launch(bucket)
         self.launched = len(self.buckets)
@@ -239,7 +237,7 @@ class Reducer:
                 for k, i in enumerate(bucket.indices):
                     if (self.static_graph or self.find_unused) and self._unused_everywhere(i):
                         continue  # a parameter no rank used keeps its .grad, as in torch
-                    self._copy_out(i, bucket, bucket._view(result, k))
+                    bucket.hand_out(i, bucket._view(result, k), self.grad_as_view)
         finally:
             self.div_factor = None
             if self._used_work is not None:
@@ -264,18 +262,6 @@ class Reducer:
             self._used_work = None
         return int(self.used_everywhere[i]) == 0
 
-    def _copy_out(self, i: int, bucket: Bucket, result: torch.Tensor) -> None:
-        param, view = self.params[i], bucket.views[i]
-        if self.grad_as_view:
-            if result.data_ptr() != view.data_ptr():  # a comm hook's result lives elsewhere
-                view.copy_(result)
-            if param.grad is None or not _aliases(param.grad, view):
-                param.grad = view
-        elif param.grad is None:
-            param.grad = torch.empty_like(param, memory_format=torch.preserve_format).copy_(result)
-        else:
-            param.grad.copy_(result)
-
     # For the join context: what a rank that has run out of data does in the others' backward.
 
     def shadow_backward(self) -> None:
@@ -292,7 +278,3 @@ class Reducer:
 
     def _get_local_used_map(self) -> torch.Tensor:  # torch's name, read by torch's tests
         return self.used_everywhere
-
-
-def _aliases(grad: torch.Tensor, view: torch.Tensor) -> bool:
-    return grad.data_ptr() == view.data_ptr() and grad.shape == view.shape and grad.stride() == view.stride()

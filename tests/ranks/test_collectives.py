@@ -372,3 +372,28 @@ def test_calls_that_differ_fail_on_every_rank_and_the_next_call_works(comm, algo
     t = torch.full((7,), float(comm.rank))
     comm.allreduce(t, algorithm=algorithm)
     assert t.tolist() == [n * (n - 1) / 2] * 7
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", ["sum", "max", "avg"])
+def test_shm_reduces_shared_regions_where_they_lie(comm, dtype, op):
+    """A tensor from shared_zeros is reduced in place in the memory every rank maps (no staging): the reference's
+    values, the same bits on every rank; its peers' mappings go with it."""
+    if comm.backend != "mpi":
+        assert comm.shared_zeros(8, dtype) is None  # no such memory: the caller uses its own
+        return
+    regions = comm._shm().regions
+    before = len(regions)
+    for numel in (1, 3, 1_000_003):
+        t = comm.shared_zeros(numel, dtype)
+        assert t is not None and t.numel() == numel and not t.any()
+        t.copy_(rank_tensor(comm.rank, numel, dtype))
+        assert regions.of(t) is not None and regions.of(t[1:]) is None  # exactly the region, not a part of it
+        if op == "avg" and not dtype.is_floating_point:
+            continue
+        comm.allreduce(t, op, algorithm="shm")
+        assert_matches(t, reference(comm.size, numel, dtype, op), dtype, comm.size)
+        everyone = comm.allgather_object(t.double().sum().item())
+        assert len(set(everyone)) == 1, everyone
+    del t
+    assert len(regions) == before

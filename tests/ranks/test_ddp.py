@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import time
 
 import pytest
@@ -217,3 +218,50 @@ def test_reducer_launches_buckets_in_order_whatever_order_they_fill(comm, monkey
     mean = sum(range(comm.size)) / comm.size
     assert all(torch.allclose(p.grad, torch.full((3,), mean)) for p in params)
     comm.allreduce(torch.ones(10), algorithm="ring")
+
+
+@pytest.mark.parametrize("as_view", [False, True], ids=["copy", "view"])
+def test_shm_buckets_live_in_shared_memory_and_average_exactly(comm, as_view):
+    """With algorithm "shm" the rebuilt buckets are regions every rank maps, reduced where they lie; gradients
+    match the one-process reference step after step, and outlive the DDP that made them."""
+    if comm.backend != "mpi":
+        pytest.skip("algorithm 'shm' is for the mpi backend")
+    ddp = DistributedDataParallel(mlp(seed=comm.rank), comm=comm, algorithm="shm", bucket_cap_mb=TINY_MB,
+                                  gradient_as_bucket_view=as_view)  # fmt: skip
+    reference, regions = mlp(seed=0), comm._shm().regions
+    for step in range(3):  # the second forward rebuilds the buckets, in shared memory
+        x, y = batch(comm.rank, step)
+        F.mse_loss(ddp(x), y).backward()
+        for p, expected in zip(ddp.parameters(), reference_grads(reference, comm.size, range(step, step + 1))):
+            torch.testing.assert_close(p.grad, expected, rtol=1e-5, atol=1e-6)
+        shared = [regions.of(b.flat) is not None for b in ddp.reducer.buckets]
+        assert all(shared) if step else not any(shared), (step, shared)
+        ddp.zero_grad(set_to_none=True)
+    F.mse_loss(ddp(x), y).backward()
+    grads = [p.grad for p in ddp.parameters()]
+    values = [g.clone() for g in grads]
+    del ddp
+    gc.collect()
+    assert all(torch.equal(g, v) for g, v in zip(grads, values))  # the tensors keep their memory mapped
+
+
+def test_a_kept_gradient_in_a_shared_bucket_is_never_written_over(comm):
+    """A gradient the user keeps past zero_grad (not a bucket view) keeps its values: the bucket moves to memory
+    of its own for the next backward, as an ordinary bucket does."""
+    if comm.backend != "mpi":
+        pytest.skip("algorithm 'shm' is for the mpi backend")
+    ddp = DistributedDataParallel(mlp(seed=comm.rank), comm=comm, algorithm="shm", bucket_cap_mb=TINY_MB)
+    reference, regions = mlp(seed=0), comm._shm().regions
+    for step in range(2):  # the second in the rebuilt, shared buckets
+        x, y = batch(comm.rank, step)
+        F.mse_loss(ddp(x), y).backward()
+        kept = [p.grad for p in ddp.parameters()]
+        ddp.zero_grad(set_to_none=True)
+    assert all(regions.of(b.flat) is not None for b in ddp.reducer.buckets)
+    x, y = batch(comm.rank, 2)
+    F.mse_loss(ddp(x), y).backward()
+    for g, expected in zip(kept, reference_grads(reference, comm.size, range(1, 2))):
+        torch.testing.assert_close(g, expected, rtol=1e-5, atol=1e-6)
+    for p, expected in zip(ddp.parameters(), reference_grads(reference, comm.size, range(2, 3))):
+        torch.testing.assert_close(p.grad, expected, rtol=1e-5, atol=1e-6)
+    assert not any(regions.of(b.flat) is not None for b in ddp.reducer.buckets)  # renewed: ordinary memory
