@@ -108,22 +108,22 @@ def halving_reduce_scatter_(comm: Transport, flat: Array, op: str) -> None:
     if fold.me >= 0:
         _halve(comm, flat, op, fold, fold.rank_edges(len(flat), comm.size), what)
     if fold.folded:
-        even = min(comm.rank, fold.partner)
-        start, stop = chunks(len(flat), comm.size)[even]
-        if stop > start:
-            pair = [(flat[start:stop], fold.partner)]
-            comm.wait_all(comm.post(recvs=pair) if fold.me < 0 else comm.post(sends=pair), f"{what} (fold out)")
+        _swap_chunk(comm, flat, fold, fold.me < 0, f"{what} (fold out)")
+
+
+def _swap_chunk(comm: Transport, flat: Array, fold: _Fold, receive: bool, what: str) -> None:
+    """The even rank of a folded pair's chunk, from one of the pair to the other (`receive`: to this rank)."""
+    start, stop = chunks(len(flat), comm.size)[min(comm.rank, fold.partner)]
+    if stop > start:
+        pair = [(flat[start:stop], fold.partner)]
+        comm.wait_all(comm.post(recvs=pair) if receive else comm.post(sends=pair), what)
 
 
 def doubling_allgather_(comm: Transport, flat: Array) -> None:
     """A folded pair's even rank hands its chunk to the odd one; recursive doubling; the odd one hands back all."""
     what, fold = "halving-doubling allgather", _Fold(comm.rank, comm.size)
     if fold.folded:
-        even = min(comm.rank, fold.partner)
-        start, stop = chunks(len(flat), comm.size)[even]
-        if stop > start:
-            pair = [(flat[start:stop], fold.partner)]
-            comm.wait_all(comm.post(sends=pair) if fold.me < 0 else comm.post(recvs=pair), f"{what} (fold in)")
+        _swap_chunk(comm, flat, fold, fold.me >= 0, f"{what} (fold in)")
     if fold.me >= 0:
         _double(comm, flat, fold, fold.rank_edges(len(flat), comm.size), what)
     if fold.folded and len(flat):
