@@ -397,3 +397,20 @@ def test_shm_reduces_shared_regions_where_they_lie(comm, dtype, op):
         assert len(set(everyone)) == 1, everyone
     del t
     assert len(regions) == before
+
+
+def test_a_shared_region_outlives_its_communicator(comm):
+    """Memory from shared_zeros stays mapped while a tensor uses it, after the communicator that made it is closed
+    (a DDP's .grad may live there)."""
+    if comm.backend != "mpi":
+        pytest.skip("shared regions are the mpi backend's")
+    from distrib.comm.mpi import MPICommunicator
+
+    own = MPICommunicator(timeout=30)
+    t = own.shared_zeros(1000, torch.float64)
+    t.copy_(rank_tensor(comm.rank, 1000, torch.float64))
+    own.allreduce(t, algorithm="shm")
+    own.close()
+    assert_matches(t, reference(comm.size, 1000, torch.float64, "sum"), torch.float64, comm.size)
+    t.add_(1)  # still writable: this rank's own mapping
+    comm.barrier()
