@@ -28,6 +28,7 @@ def make(path: str, size: int, nonce: int) -> mmap.mmap | None:
         return None
     try:
         os.ftruncate(fd, size)
+        os.posix_fallocate(fd, 0, size)  # the pages now, or ENOSPC now: a full tmpfs would SIGBUS at first touch
         slot = mmap.mmap(fd, size)
     except OSError:
         os.unlink(path)

@@ -265,3 +265,27 @@ def test_a_kept_gradient_in_a_shared_bucket_is_never_written_over(comm):
     for p, expected in zip(ddp.parameters(), reference_grads(reference, comm.size, range(2, 3))):
         torch.testing.assert_close(p.grad, expected, rtol=1e-5, atol=1e-6)
     assert not any(regions.of(b.flat) is not None for b in ddp.reducer.buckets)  # renewed: ordinary memory
+
+
+def test_shm_buckets_fall_back_to_ordinary_memory_where_shared_memory_is_full(comm, monkeypatch):
+    """One rank's /dev/shm cannot hold its bucket (ENOSPC at allocation, not SIGBUS at first touch): every rank
+    keeps ordinary buckets, and the gradients are still averaged."""
+    if comm.backend != "mpi":
+        pytest.skip("algorithm 'shm' is for the mpi backend")
+    import errno
+    import os
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if comm.rank == comm.size - 1:
+        monkeypatch.setattr(os, "posix_fallocate", full)
+    ddp = DistributedDataParallel(mlp(seed=comm.rank), comm=comm, algorithm="shm", bucket_cap_mb=TINY_MB)
+    reference, regions = mlp(seed=0), comm._shm().regions
+    for step in range(2):
+        x, y = batch(comm.rank, step)
+        F.mse_loss(ddp(x), y).backward()
+        for p, expected in zip(ddp.parameters(), reference_grads(reference, comm.size, range(step, step + 1))):
+            torch.testing.assert_close(p.grad, expected, rtol=1e-5, atol=1e-6)
+        ddp.zero_grad(set_to_none=True)
+    assert not any(regions.of(b.flat) is not None for b in ddp.reducer.buckets)
