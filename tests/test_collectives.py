@@ -19,4 +19,4 @@ RUNS = [
 
 @pytest.mark.parametrize("launcher,backend,ranks", RUNS, ids=lambda x: str(x))
 def test_rank_suite(launcher, backend, ranks):
-    run_rank_suite(launcher, backend, ranks, "tests/ranks/test_collectives.py", timeout=420)
+    run_rank_suite(launcher, backend, ranks, "tests/ranks/test_collectives.py", timeout=600)

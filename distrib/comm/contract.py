@@ -79,6 +79,7 @@ def poll(
     crowded: bool,
     every: Callable[[], None] | None = None,
     pause: Callable[[], None] | None = None,
+    sleeps: bool = True,
 ) -> bool:
     """Call `done` until it returns True (then True) or `timeout` seconds pass (then False).
 
@@ -87,8 +88,9 @@ def poll(
     (peers on other cores answer within microseconds), then letting go of the GIL between polls; past that it
     sleeps between polls, or calls `pause` (which should sleep until something may have changed), from
     NAP_SECONDS doubling up to MAX_NAP_SECONDS. Where ranks outnumber cores (the peer may need this core), each
-    poll yields the core, or calls `pause` from the start. `every`, if given, runs about every SLOW_CHECK seconds
-    of waiting, for looks too costly for each poll (it may raise to end the wait).
+    poll yields the core, or calls `pause` from the start. `sleeps=False` where `done` itself makes the progress
+    (MPI's Test): a sleeping poll would hold the collective up, so it only ever gives way. `every`, if given, runs
+    about every SLOW_CHECK seconds of waiting, for looks too costly for each poll (it may raise to end the wait).
     """
     if done():
         return True
@@ -106,7 +108,7 @@ def poll(
                 every()
         if pause is not None and (crowded or waited > SPIN_SECONDS):
             pause()
-        elif waited > SPIN_SECONDS:
+        elif waited > SPIN_SECONDS and sleeps:
             time.sleep(nap)
             nap = min(2 * nap, MAX_NAP_SECONDS)
         elif crowded or waited > GRAB_SECONDS:

@@ -96,11 +96,13 @@ class MPICommunicator(Communicator):
         requests = [request for request, _ in pending]
         done = requests[0].Test if len(requests) == 1 else lambda: MPI.Request.Testall(requests)  # one: no list
         if requests and not done():
-            self._until(done, what, lambda: [p for r, p in pending if not r.Test()])
+            self._until(done, what, lambda: [p for r, p in pending if not r.Test()], sleeps=False)  # Test progresses
 
-    def _until(self, done: Callable[[], bool], what: str, missing: Callable[[], list[int]]) -> None:
+    def _until(
+        self, done: Callable[[], bool], what: str, missing: Callable[[], list[int]], sleeps: bool = True
+    ) -> None:
         """Poll `done` until it holds, else raise CollectiveTimeout naming `what` and the `missing()` ranks."""
-        if not poll(done, self.timeout, self._crowded):
+        if not poll(done, self.timeout, self._crowded, sleeps=sleeps):
             raise self._timeout(what, missing())
 
     def _array(self, flat: torch.Tensor) -> torch.Tensor | np.ndarray:
