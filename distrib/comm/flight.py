@@ -265,20 +265,15 @@ def open_board(comm: Any) -> Board | None:
     """
     token = comm.broadcast_object(secrets.token_hex(8) if comm.rank == 0 else None)
     name = f"distrib-{token}-{comm.rank}"
-    path = os.path.join(slots_.FOLDER, name)
     nonce = secrets.randbits(62)
-    mine = slots_.make(path, SLOT_BYTES, nonce)
+    mine = slots_.make(os.path.join(slots_.FOLDER, name), SLOT_BYTES, nonce)
     if mine is not None:
         words = memoryview(mine)[: HEADER * 8].cast("q")
         words[PID] = os.getpid()
         words.release()
-    places = comm.allgather_object((name, nonce if mine is not None else 0))  # each looks in its own host's folder
-    slots = [mine if r == comm.rank else slots_.attach(os.path.join(slots_.FOLDER, n), SLOT_BYTES, k)
-             for r, (n, k) in enumerate(places)]  # fmt: skip
-    seen = comm.allgather_object([slot is not None for slot in slots])
+    slots, seen = slots_.share(comm, name, SLOT_BYTES, nonce, mine)
     if mine is None:
         return None
-    os.unlink(path)
     return Board(comm.rank, slots, all(all(row) for row in seen), token)
 
 

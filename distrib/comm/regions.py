@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import secrets
 import weakref
 from typing import Any
 
@@ -36,20 +37,14 @@ class Regions:
         """A zeroed tensor of `numel` elements that every rank of `comm` (all on one host) can read and write; every
         rank calls it, in the same order. None on every rank where any rank's storage cannot take it."""
         nbytes = HEADER + max(numel, 1) * dtype.itemsize
-        nonce = int.from_bytes(os.urandom(7), "little") + 1
-        path = os.path.join(slots.FOLDER, f"distrib-region-{os.getpid()}-{next(_count)}")
-        mine = slots.make(path, nbytes, nonce)
-        everyone = comm.allgather_object((path, nbytes, nonce) if mine is not None else None)
-        regions = None
-        if all(everyone):
-            maps = [mine if k == comm.rank else slots.attach(*e, writable=True) for k, e in enumerate(everyone)]
-            regions = maps if all(m is not None for m in maps) else None
-        usable = comm.allgather_object(regions is not None)  # every peer mapped: the files may go
-        if mine is not None:
-            os.unlink(path)
-        if not all(usable):
-            for m in regions or []:
-                m.close()
+        nonce = secrets.randbits(62)
+        name = f"distrib-region-{os.getpid()}-{next(_count)}"
+        mine = slots.make(os.path.join(slots.FOLDER, name), nbytes, nonce)
+        regions, seen = slots.share(comm, name, nbytes, nonce, mine, writable=True)
+        if not all(all(row) for row in seen):  # every rank maps every region, or none uses them
+            for m in regions:
+                if m is not None:
+                    m.close()
             return None
         tensors = [torch.frombuffer(m, dtype=dtype, offset=HEADER, count=numel) for m in regions]
         own = tensors[comm.rank]

@@ -13,11 +13,13 @@ import ctypes
 import mmap
 import os
 import tempfile
+from typing import Any
 
 import numpy as np
 
 # Memory-backed, and one per host; DISTRIB_FLIGHT_DIR chooses another (a test's second "host" on one machine).
 FOLDER = os.environ.get("DISTRIB_FLIGHT_DIR") or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
+Shared = tuple[list[mmap.mmap | None], list[list[bool]]]  # share(): the slots as this rank maps them; who maps whom
 
 
 def make(path: str, size: int, nonce: int) -> mmap.mmap | None:
@@ -57,6 +59,19 @@ def attach(path: str, size: int, nonce: int, writable: bool = False) -> mmap.mma
         slot.close()
         return None
     return slot
+
+
+def share(comm: Any, name: str, size: int, nonce: int, mine: mmap.mmap | None, writable: bool = False) -> Shared:
+    """Collective over `comm`: every rank's slot `name` (made with `make`, or None) as this rank can map it, each
+    looked for in this host's folder, and for each rank which slots it mapped. This rank's file is removed once
+    every rank has looked."""
+    places = comm.allgather_object((name, nonce if mine is not None else 0))
+    maps = [mine if r == comm.rank else attach(os.path.join(FOLDER, n), size, k, writable)
+            for r, (n, k) in enumerate(places)]  # fmt: skip
+    seen = comm.allgather_object([m is not None for m in maps])
+    if mine is not None:
+        os.unlink(os.path.join(FOLDER, name))
+    return maps, seen
 
 
 _FUTEX = {"x86_64": 202, "aarch64": 98}.get(os.uname().machine)  # the futex syscall's number, where we know it
