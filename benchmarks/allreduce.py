@@ -9,8 +9,9 @@ against the exact sum; a call's time is the slowest rank's. Columns as nccl-test
 algbw * 2(n-1)/n. vs_peer: the backend library's own allreduce called directly (mpi4py's Allreduce,
 torch.distributed.all_reduce), its time over this row's; of_copy: busbw over this host's memory-copy bandwidth.
 --verify measures each algorithm under each check of the ranks' calls (distrib.comm.verify.MODES; default: the
-one DISTRIB_VERIFY sets); vs_off is then a row's time over the same algorithm's with the check off, the median
-of its ratios over --rounds rounds, each round measuring every subject once, in alternating order.
+one DISTRIB_VERIFY sets), the checks taking turns call by call; vs_off is then a row's time over the same
+algorithm's with the check off, the median of its ratios over --rounds rounds, each round measuring every subject
+once, in alternating order.
 """
 
 from __future__ import annotations
@@ -146,9 +147,11 @@ def copy_bandwidth(main: distrib.Communicator, device: torch.device, ranks: int,
 def measure(comms: dict, calls: dict, nbytes: int, dtype: torch.dtype, warmup: int, iters: int) -> dict[tuple, list]:
     """Seconds per call of every subject on the slowest rank.
 
-    Each subject makes its warm-up and timed calls in a row, as an application calling one allreduce does:
+    Each algorithm makes its warm-up and timed calls in a row, as an application calling one allreduce does:
     interleaved call by call, one algorithm's buffers evict another's (shm ran 3x slower after ring and MPI
-    calls than in a row on its own).
+    calls than in a row on its own). The checks of one algorithm (--verify) take turns call by call, in alternating
+    order, on the same buffers: their ratio then compares calls made moments apart (gloo's times drift by 10-20%
+    between runs of the same call here, which subjects measured one after the other took for the check's cost).
     """
     main = next(iter(comms.values()))
     n, rank, count = main.size, main.rank, nbytes // dtype.itemsize
@@ -159,28 +162,32 @@ def measure(comms: dict, calls: dict, nbytes: int, dtype: torch.dtype, warmup: i
         pattern = (torch.arange(count, device=device) % 3 + 1).to(dtype)
         data[device] = (pattern, pattern * total, torch.empty_like(pattern))
     times: dict[tuple, list] = {key: [] for key in calls}
+    groups: dict[tuple, list[str]] = {}  # (backend, algorithm) -> its checks, in the order given
     for backend, algorithm, check in calls:
-        if check != "-":
-            comms[backend].verify = check  # on every rank: subjects run in the same order everywhere
+        groups.setdefault((backend, algorithm), []).append(check)
+    for (backend, algorithm), checks in groups.items():
+        device = device_of(backend)
+        pattern, expected, t = data[device]
         for i in range(warmup + iters):
-            device = device_of(backend)
-            pattern, expected, t = data[device]
-            torch.mul(pattern, rank + 1, out=t)
-            sync(device)
-            barrier(comms[backend])()
-            start = time.perf_counter()
-            calls[backend, algorithm, check](t)
-            sync(device)
-            elapsed = time.perf_counter() - start
-            ok = torch.equal(t, expected) if exact else torch.allclose(t, expected, rtol=n * torch.finfo(dtype).eps)
-            if not ok:
-                wrong = int((t != expected).nonzero()[0])
-                raise RuntimeError(
-                    f"{backend} {algorithm} allreduce of {count} {dtype} is wrong on rank {rank}: element {wrong} "
-                    f"is {t[wrong].item()}, expected {expected[wrong].item()}"
-                )
-            if i >= warmup:
-                times[backend, algorithm, check].append(elapsed)
+            for check in checks if i % 2 == 0 else reversed(checks):
+                if check != "-":
+                    comms[backend].verify = check  # on every rank: subjects run in the same order everywhere
+                torch.mul(pattern, rank + 1, out=t)
+                sync(device)
+                barrier(comms[backend])()
+                start = time.perf_counter()
+                calls[backend, algorithm, check](t)
+                sync(device)
+                elapsed = time.perf_counter() - start
+                ok = torch.equal(t, expected) if exact else torch.allclose(t, expected, rtol=n * torch.finfo(dtype).eps)
+                if not ok:
+                    wrong = int((t != expected).nonzero()[0])
+                    raise RuntimeError(
+                        f"{backend} {algorithm} allreduce of {count} {dtype} is wrong on rank {rank}: element "
+                        f"{wrong} is {t[wrong].item()}, expected {expected[wrong].item()}"
+                    )
+                if i >= warmup:
+                    times[backend, algorithm, check].append(elapsed)
     return slowest(main, times)
 
 

@@ -96,6 +96,35 @@ def test_calls_that_differ_after_the_first_eight_fail_on_every_rank(launcher, ba
     assert "returned" not in result.stdout and "MPI_ERROR" not in text and "terminate called" not in text
 
 
+@pytest.mark.parametrize(
+    "launcher,backend,algorithm,ranks",
+    [("torchrun", "gloo", a, 2) for a in ("native", "ring", "naive")]
+    + [("torchrun", "gloo", "native", 3), ("mpiexec", "mpi", "native", 2)],
+)
+def test_a_call_one_rank_started_before_the_others_refused_it_fails_on_every_rank(launcher, backend, algorithm, ranks):
+    """Rank 0 enters first and, under gloo, starts the call before the others are in it; they come with other calls
+    (another size; an allreduce against its allgather). Every rank raises the CollectiveError naming each rank's
+    call, none returns, and the next call sums right on every rank: the ranks that refused took part in the call
+    rank 0 had started, so nothing was left in flight. Under MPI (no early start) the same."""
+    result = run_ranks(launcher, ranks, [SCENARIOS, "started_mismatch", backend, "20", algorithm], timeout=90)
+    text = result.stdout + result.stderr
+    assert result.returncode == 0, text[-3000:]
+    first = [
+        f"rank {r}: call #1 allreduce(op='sum', algorithm='{algorithm}') on float32 ({1000 + r},)" for r in range(ranks)
+    ]
+    second = [f"rank 0: call #3 allgather(op='', algorithm='{algorithm}') on float32 (6,)"]
+    second += [
+        f"rank {r}: call #3 allreduce(op='sum', algorithm='{algorithm}') on float32 (12,)" for r in range(1, ranks)
+    ]
+    for rank in range(ranks):
+        for calls in (first, second):
+            assert f"rank {rank} caught: collective calls differ across ranks ({'; '.join(calls)})" in text, text[
+                -3000:
+            ]
+        assert text.count(f"rank {rank} next: [{ranks}.0, {ranks}.0, {ranks}.0]") == 2, text[-3000:]
+    assert "returned" not in text and "terminate called" not in text
+
+
 def reports(text: str) -> dict[int, str]:
     """Each rank's report of a failed wait, by the rank that wrote it (its first line)."""
     found = re.findall(r"Collective(?:Timeout|Error): (.*?\(call #\d+\): rank (\d) .*?)(?:\n(?!  )|\Z)", text, re.S)

@@ -5,8 +5,9 @@ fingerprint of the collective it entered last, the number of the one it finished
 ring of descriptions, each written once), and a heartbeat from a thread of its own. Recording a call costs a few
 memory stores and no message; reading a slot needs nothing from its owner, so a rank that stopped, hangs or died
 is still seen where it was. The same thread answers a peer's request for its main thread's Python stack.
-verify.py reads the fingerprints to check that ranks make the same call; stuck.py reads the rest when a wait
-times out.
+verify.py reads the fingerprints to check that ranks make the same call (and writes its decisions to start early);
+stuck.py reads the rest when a wait times out. Longer than the 300-line budget because the slot's layout and every
+reader and writer of it stay in one place.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ from distrib.comm.mirror import Mirror
 
 # Slot layout: HEADER int64 words, then NAMES descriptions of NAME_BYTES, then the stack text.
 HEADER = 64
-MAGIC, PID, DONE, T_ENTERED, T_DONE, HEARTBEAT, CLOSED, ASK, SERVED, STACK_LEN = range(10)
+MAGIC, PID, DONE, T_ENTERED, T_DONE, HEARTBEAT, CLOSED, ASK, SERVED, STACK_LEN, GAVE_UP = range(11)
 RING_AT, RING = 16, 8  # words 16..23: fp << 32 | seq & MASK of the last RING calls entered, by seq % RING
 NAMED_AT = RING_AT + RING  # words 24..31: the description id of each of those calls
+CODE_AT = NAMED_AT + RING  # words 32..39: each of those calls as verify.code() has it (written before its word)
+DECIDED_AT = CODE_AT + RING  # words 40..47: verify.py's decision on each, started or refused, << 32 | seq & MASK
 MASK = 0xFFFFFFFF
 NAMES, NAME_BYTES = 256, 128  # a description: its id (8 bytes), its length (2), its text
 NAMES_AT = HEADER * 8
@@ -59,6 +62,7 @@ class Seen:
     closed: float
     current: str  # the description of call `entered`
     local: bool  # on this host (its pid means something here), else read through the mirror
+    gave_up: int  # number of the call whose wait it gave up (stuck.report), 0: none
 
 
 class Board:
@@ -89,20 +93,28 @@ class Board:
 
     # Writing this rank's slot: each collective's start and end.
 
-    def enter(self, seq: int, key: Hashable, name: str, t: Any, op: str, algorithm: str, label: Any) -> int:
-        """Record that this rank entered collective `seq`; returns the word its peers must have written for it
-        (fp << 32 | seq) if they make the same call. The call is described (`describe`) the first time its key is
-        seen only: every call costs these few stores."""
+    def enter(
+        self, seq: int, key: Hashable, name: str, t: Any, op: str, algorithm: str, label: Any, code: int = 0
+    ) -> int:
+        """Record that this rank entered collective `seq` (and its `code`, verify.code); returns the word its peers
+        must have written for it (fp << 32 | seq) if they make the same call. The call is described (`describe`)
+        the first time its key is seen only: every call costs these few stores. Where peers may sleep on the word
+        (`wakes`), the wake also orders the word before this rank's next looks at theirs (a full barrier)."""
         known = self._names.get(key)
         if known is None or self._named - known[1] > NAMES:  # never seen, or its description overwritten since
             known = self._names[key] = self._name(*describe(name, t, op, algorithm, label))
         word = known[0] << 32 | seq & MASK
         me, at = self._me, seq % RING
         me[NAMED_AT + at] = known[1]  # before the word: a peer that sees the word sees its description
+        me[CODE_AT + at] = code
         me[RING_AT + at] = word
         if self.wakes:
             slots_.wake(self._at[self.rank] + (RING_AT + at) * 8)
         return word
+
+    def give_up(self, seq: int) -> None:
+        """Say this rank stopped waiting in call `seq` (and will end): peers count it a fellow waiter, not a culprit."""
+        self._me[GAVE_UP] = seq
 
     def done(self, seq: int) -> None:
         self._me[DONE] = seq  # when: the recorder thread notes it (to a tick), so calls need not read the clock
@@ -114,6 +126,23 @@ class Board:
             if words[at] & MASK != low:
                 return False
         return True
+
+    def differs(self, seq: int, word: int) -> bool:
+        """Whether a peer has entered call `seq` with another fingerprint (peers not yet in it do not count)."""
+        at, low = RING_AT + seq % RING, seq & MASK
+        for words in self._peer_words:
+            theirs = words[at]  # read once: the peer may be writing it
+            if theirs != word and theirs & MASK == low:
+                return True
+        return False
+
+    def post(self, at: int, seq: int, value: int) -> None:
+        """Write `value` into this rank's word for call `seq` in the ring at `at` (DECIDED_AT)."""
+        self._me[at + seq % RING] = value
+
+    def read(self, rank: int, at: int, seq: int) -> int:
+        """`rank`'s word for call `seq` in the ring at `at` (CODE_AT, DECIDED_AT), whatever call wrote it."""
+        return self._words[rank][at + seq % RING]
 
     @property
     def tries(self) -> int:
@@ -174,7 +203,7 @@ class Board:
         at = max(range(RING), key=ring.__getitem__)
         current = self.description(rank, w[NAMED_AT + at]) if ring[at] else ""
         times = [w[i] / 1e9 for i in (T_ENTERED, T_DONE, HEARTBEAT, CLOSED)]
-        return Seen(rank, w[PID], ring[at], w[DONE], *times, current, rank in self.visible)
+        return Seen(rank, w[PID], ring[at], w[DONE], *times, current, rank in self.visible, w[GAVE_UP])
 
     def others(self) -> list[int]:
         """The other ranks whose slots can be read: this host's, and those the mirror brought."""

@@ -53,6 +53,9 @@ class TorchCommunicator(Communicator):
         self.backend = backend
         super().__init__(rank, size, timeout=timeout, algorithm=algorithm)  # checks the timeout before torch sees it
         self._group = group  # None: the default group
+        # gloo is slower to start a collective on ranks that start together than to let the first start at once
+        # (verify.start_early); NCCL's kernels would need the same stand-in on the GPU, untried.
+        self.starts_early = backend == "gloo"
         if backend == "nccl":
             self.device = torch.device("cuda", local_rank if group is None else torch.cuda.current_device())
             self.devices = ("cuda",)

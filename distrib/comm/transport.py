@@ -25,6 +25,7 @@ class Transport(abc.ABC):
     devices: tuple[str, ...] = ("cpu",)  # device types the transport reads and writes directly
     device: torch.device  # where it stages other tensors when it reads no CPU memory (NCCL's GPU)
     spins = False  # whether our own waits may spin: False where the library's threads need the cores (gloo)
+    starts_early = False  # whether a tensor collective may start before every rank is in it (verify.start_early)
     rank: int
     size: int
     timeout: float  # seconds every wait may take

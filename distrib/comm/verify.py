@@ -5,7 +5,9 @@ unreduced), an MPI truncation error, or gloo's abort. DISTRIB_VERIFY chooses the
 - "fingerprint" (the default): each call's fingerprint, a CRC of what it is (collective, op, algorithm, dtype,
   shape), and its number go on the flight recorder's board (flight.py) as the call starts; a rank waits there
   until every rank has entered the call and compares. When every rank shares a host, this is a few memory reads,
-  no message; across hosts a 16-byte native allreduce of (fp, -fp) carries it.
+  no message; across hosts a 16-byte native allreduce of (fp, -fp) carries it. Where waiting for the peers costs
+  more than the check (gloo: a 64 KiB allreduce whose ranks start together takes ~10% longer than one whose
+  first rank starts at once), a tensor collective starts early instead (`start_early`).
 - "all": each call's description, compared by messages through rank 0 (slower; what the first calls of a
   communicator used to get).
 - "off": no check; for measuring what the check costs.
@@ -20,12 +22,16 @@ from typing import Any
 
 import torch
 
-from distrib.comm.algorithms import naive_allgather_
-from distrib.comm.contract import CollectiveError, describe, fingerprint, poll
-from distrib.comm.flight import MASK
+from distrib.comm import auto
+from distrib.comm.algorithms import ALGORITHMS, TABLE, naive_allgather_
+from distrib.comm.contract import DTYPES, OPS, CollectiveError, CollectiveTimeout, describe, fingerprint, poll
+from distrib.comm.flight import CODE_AT, DECIDED_AT, MASK, RING_AT, Board
 from distrib.comm.stuck import departed, report
 
 MODES = ("fingerprint", "all", "off")
+EARLY = ("allreduce", "reduce_scatter", "allgather")  # the collectives that complete only once every rank is in
+STARTED, REFUSED = 2, 1  # decisions, on the board's DECIDED_AT words
+_CODES: dict[Any, int] = {}  # call key -> code(): computed once per kind of call
 
 
 def mode_from_env() -> str:
@@ -43,14 +49,20 @@ def checked(
     ends, and checked first. Runs on every call, so where nothing is wrong it costs a few stores and reads."""
     board = comm._board
     key = name if t is None else (name, op, algorithm, t.dtype, t.shape, tuple(label.items()) if label else None)
+    early = comm.starts_early and board is not None and board.whole and board.wakes and name in EARLY
+    call = 0
+    if early and (call := _CODES.get(key)) is None:
+        call = _CODES[key] = code(name, t, op, algorithm)
 
     def run() -> Any:
         seq = comm._seq = comm._seq + 1
         if board is None:  # no board here: the check goes by messages
             word = fingerprint(describe(name, t, op, algorithm, label)[0]) << 32 | seq & MASK
         else:
-            word = board.enter(seq, key, name, t, op, algorithm, label)
+            word = board.enter(seq, key, name, t, op, algorithm, label, call)
         if comm.verify == "fingerprint":
+            if early:
+                return start_early(comm, board, seq, word, job, name)
             if board is None or not board.agreed(seq, word):
                 agree(comm, seq, word >> 32, name, (name, t, op, algorithm, label))
         elif comm.verify == "all":
@@ -73,19 +85,69 @@ def agree(comm: Any, seq: int, fp: int, what: str, call: tuple) -> None:
         if int(pair[0]) != -int(pair[1]):
             _differ(comm, comm._allgather_object(f"call #{seq} {describe(*call)[0]}"))
         return
-    peers = board.peers
-
-    def gone() -> None:
-        if departed(board, seq):
-            raise report(comm, what, [r for r in peers if board.fingerprint(r, seq) is None], gone=True)
-
     # Where the library's threads need the cores (gloo), sleep until a peer's word changes instead of spinning.
-    pause = None if comm.spins else lambda: board.doze(seq)
-    if not poll(lambda: board.arrived(seq), comm.timeout, board.crowded or not comm.spins, gone, pause):
-        raise comm._timeout(what, [r for r in peers if board.fingerprint(r, seq) is None])
-    if any(board.fingerprint(r, seq) != fp for r in peers):  # all arrived: compare (the fast path could not)
-        calls = [f"call #{seq} {board.call(r, seq)}" for r in range(comm.size)]
-        _differ(comm, calls)
+    pause, crowded = (None, board.crowded) if comm.spins else (lambda: board.doze(seq), True)
+    if not poll(lambda: board.arrived(seq), comm.timeout, crowded, _gone(comm, seq, what), pause):
+        raise comm._timeout(what, _not_in(board, seq))
+    if any(board.fingerprint(r, seq) != fp for r in board.peers):  # all arrived: compare (the fast path could not)
+        if comm.starts_early:
+            refuse(comm, board, seq, what)
+        _differ(comm, _calls(board, seq))
+
+
+def start_early(comm: Any, board: Board, seq: int, word: int, job: Callable[[], Any], what: str) -> Any:
+    """Run `job`, collective `seq`, without waiting for the ranks not yet in it: start unless a peer already in it
+    makes another call. Of any two ranks, the later to write its word sees the other's (board.enter's wake orders
+    each rank's word before its look), so the ranks that start all make the same call; a rank that refuses takes
+    part in that call before it raises (`refuse`). Once the call is complete every rank has entered it, and each
+    compares again: one that started a call another rank refused raises too."""
+    if board.differs(seq, word):
+        refuse(comm, board, seq, what)
+    board.post(DECIDED_AT, seq, STARTED << 32 | seq & MASK)
+    try:
+        result = job()
+    except CollectiveError as error:
+        _gone(comm, seq, what, error)()  # a peer that finished or died before the call: say so, not "lost a peer"
+        if isinstance(error, CollectiveTimeout) and (absent := _not_in(board, seq)):
+            raise comm._timeout(what, absent) from error  # never came: the report of the call, as a check's wait
+        raise
+    if board.differs(seq, word):
+        _differ(comm, _calls(board, seq))
+    board.done(seq)
+    return result
+
+
+def refuse(comm: Any, board: Board, seq: int, what: str) -> None:
+    """Raise the CollectiveError for call `seq`, which ranks make differently, once every rank has decided whether
+    to start it; where some rank started it (start_early), first make that call's data movement on zeros, so that
+    the ranks that started complete it and the next calls still pair up."""
+    board.post(DECIDED_AT, seq, REFUSED << 32 | seq & MASK)
+    if not poll(lambda: not _not_in(board, seq, DECIDED_AT), comm.timeout, True, _gone(comm, seq, what)):
+        raise comm._timeout(what, _not_in(board, seq, DECIDED_AT))
+    started = [r for r in board.peers if board.read(r, DECIDED_AT, seq) >> 32 == STARTED]
+    if started:
+        stand_in(comm, board.read(started[0], CODE_AT, seq))
+    _differ(comm, _calls(board, seq))
+
+
+def code(name: str, t: torch.Tensor, op: str, algorithm: str) -> int:
+    """A tensor collective in one int64 word (what `stand_in` needs of it): its element count from bit 16, the
+    algorithm's, dtype's, op's (allgather's: none, read as sum) and collective's indices below."""
+    parts = ALGORITHMS.index(algorithm) << 8 | DTYPES.index(t.dtype) << 4 | OPS.index(op or "sum") << 2
+    return t.numel() << 16 | parts | EARLY.index(name)
+
+
+def stand_in(comm: Any, call: int) -> None:
+    """The data movement of the tensor collective `call` (code()), on zeros: what that call's job would pass to
+    its algorithm."""
+    numel, name = call >> 16, EARLY[call & 3]
+    dtype, op, algorithm = DTYPES[call >> 4 & 15], OPS[call >> 2 & 3], ALGORITHMS[call >> 8 & 15]
+    flat = torch.zeros(numel * comm.size if name == "allgather" else numel, dtype=dtype, device=comm.device)
+    chosen = TABLE[auto.choose(comm, algorithm, flat.numel() * flat.element_size())]
+    if name == "allgather":
+        chosen.allgather(comm, flat)
+    else:
+        getattr(chosen, name)(comm, flat, "sum" if op == "avg" else op)
 
 
 def compare_all(comm: Any, seq: int, signature: str) -> None:
@@ -96,6 +158,26 @@ def compare_all(comm: Any, seq: int, signature: str) -> None:
     naive_allgather_(comm, comm._array(prints), f"{signature.split('(')[0]}: cross-rank check")
     if not bool((prints == prints[0]).all()):
         _differ(comm, comm._allgather_object(f"call #{seq} {signature}"))
+
+
+def _not_in(board: Board, seq: int, at: int = RING_AT) -> list[int]:
+    """The peers whose word for call `seq` in the ring at `at` is not there yet (RING_AT: they have not entered it;
+    DECIDED_AT: not decided on it)."""
+    return [r for r in board.peers if board.read(r, at, seq) & MASK != seq & MASK]
+
+
+def _gone(comm: Any, seq: int, what: str, cause: Exception | None = None) -> Callable[[], None]:
+    """A look for a wait in call `seq`: raise the report of peers that finished or died before entering it."""
+
+    def look() -> None:
+        if departed(comm._board, seq):
+            raise report(comm, what, _not_in(comm._board, seq), gone=True) from cause
+
+    return look
+
+
+def _calls(board: Board, seq: int) -> list[str]:
+    return [f"call #{seq} {board.call(r, seq)}" for r in board.visible]
 
 
 def _differ(comm: Any, calls: list[str]) -> None:

@@ -79,6 +79,32 @@ def late_mismatch(comm: distrib.Communicator, algorithm: str) -> None:
             print(f"rank {comm.rank} returned {t[-3:].tolist()}", flush=True)
 
 
+def started_mismatch(comm: distrib.Communicator, algorithm: str) -> None:
+    """Rank 0 enters each call first, alone, so that it starts it (gloo does not wait: verify.start_early); the others
+    come 0.3 s later with other calls: 1000 elements against 1000 + rank, then an allgather against allreduces. No
+    rank may return from either, and the call after each must still sum right."""
+    bad = [
+        lambda: comm.allreduce(torch.ones(1000 + comm.rank), algorithm=algorithm),
+        lambda: (
+            comm.allgather(torch.ones(6), algorithm=algorithm)
+            if comm.rank == 0
+            else comm.allreduce(torch.ones(12), algorithm=algorithm)
+        ),
+    ]
+    for call in bad:
+        if comm.rank:
+            time.sleep(0.3)
+        try:
+            call()
+        except distrib.CollectiveError as error:
+            print(f"rank {comm.rank} caught: {error}", flush=True)
+        else:
+            print(f"rank {comm.rank} returned", flush=True)
+        t = torch.ones(3)
+        comm.allreduce(t, algorithm=algorithm)
+        print(f"rank {comm.rank} next: {t.tolist()}", flush=True)
+
+
 def stopped(comm: distrib.Communicator, algorithm: str) -> None:
     """The last rank enters its 6th call (an async allreduce labelled bucket 3) first and stops itself there
     (SIGSTOP); the others join it and wait until their deadline. Their reports must name the stopped rank and its
