@@ -9,9 +9,9 @@ against the exact sum; a call's time is the slowest rank's. Columns as nccl-test
 algbw * 2(n-1)/n. vs_peer: the backend library's own allreduce called directly (mpi4py's Allreduce,
 torch.distributed.all_reduce), its time over this row's; of_copy: busbw over this host's memory-copy bandwidth.
 --verify measures each algorithm under each check of the ranks' calls (distrib.comm.verify.MODES; default: the
-one DISTRIB_VERIFY sets), the checks taking turns call by call; vs_off is then a row's time over the same
-algorithm's with the check off, the median of its ratios over --rounds rounds, each round measuring every subject
-once, in alternating order.
+one DISTRIB_VERIFY sets), the checks taking turns call by call, --rounds times, each round measuring every subject
+once, in alternating order; vs_off is then the median, over every pair of calls made moments apart (one with the
+check, one without), of their ratio, and check_us the median of their difference: what the check costs a call.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ DTYPES = {name: getattr(torch, name) for name in ("float32", "float64", "float16
 COPY_BYTES = 64 << 20  # far past any cache, so copies run at memory speed
 COLUMNS = {"backend": "", "algorithm": "", "verify": "", "size": "", "count": "d", "dtype": "", "time_us": ".1f"}
 COLUMNS |= {"min_us": ".1f", "max_us": ".1f", "algbw_gbps": ".2f", "busbw_gbps": ".2f", "vs_peer": ".2f"}
-COLUMNS |= {"of_copy": ".2f", "vs_off": ".3f"}
+COLUMNS |= {"of_copy": ".2f", "vs_off": ".3f", "check_us": ".1f"}
 
 COLORS = {PEER: "black", "naive": "tab:blue", "ring": "tab:orange", "native": "tab:green", "shm": "tab:red"}
 COLORS |= {"halving_doubling": "tab:purple", "hierarchical": "tab:brown", "auto": "tab:gray"}
@@ -195,7 +195,7 @@ def rows(
     rounds: list[dict[tuple, list]], nbytes: int, dtype: torch.dtype, n: int, hosts: int, limits: dict
 ) -> list[dict]:
     """One row per subject, over every round: nccl-tests' columns, the ratio to its backend's peer, to the copy
-    bandwidth, and (vs_off) to the same algorithm without the check, the median of the rounds' ratios."""
+    bandwidth, and (vs_off, check_us) to the same algorithm without the check, call by call (see the module's text)."""
     out = []
     for key in rounds[0]:
         backend, algorithm, check = key
@@ -216,8 +216,10 @@ def rows(
         if (peer_key := (backend, PEER, "-")) in rounds[0]:
             row["vs_peer"] = statistics.median(s for times in rounds for s in times[peer_key]) / median
         if check not in ("-", "off") and (off := (backend, algorithm, "off")) in rounds[0]:
-            ratios = [statistics.median(times[key]) / statistics.median(times[off]) for times in rounds]
-            row["vs_off"], row["vs_off_rounds"] = statistics.median(ratios), ratios
+            pairs = [(on, plain) for times in rounds for on, plain in zip(times[key], times[off])]
+            row["vs_off"] = statistics.median(on / plain for on, plain in pairs)
+            row["check_us"] = statistics.median(on - plain for on, plain in pairs) * 1e6
+            row["vs_off_rounds"] = [statistics.median(times[key]) / statistics.median(times[off]) for times in rounds]
         out.append(row)
     return out
 
@@ -252,7 +254,7 @@ def plot(rows: list[dict], limits: dict[str, float], title: str, path: Path) -> 
         ax.axhline(1.03, linestyle="--", color="gray", label="+3%")
         ax.axhline(1.0, color="black", linewidth=0.5)
         ax.set_xticks(sizes, [human_bytes(s) for s in sizes])
-        ax.set(xlabel="bytes per rank", ylabel="time with the check / without (median of rounds)")
+        ax.set(xlabel="bytes per rank", ylabel="time with the check / without (median over pairs of calls)")
         ax.set_title("what checking every call costs")
         ax.legend(fontsize=7, loc="best")
         ax.grid(True, which="both", alpha=0.3)
