@@ -103,9 +103,10 @@ def test_calls_that_differ_after_the_first_eight_fail_on_every_rank(launcher, ba
 )
 def test_a_call_one_rank_started_before_the_others_refused_it_fails_on_every_rank(launcher, backend, algorithm, ranks):
     """Rank 0 enters first and, under gloo, starts the call before the others are in it; they come with other calls
-    (another size; an allreduce against its allgather). Every rank raises the CollectiveError naming each rank's
-    call, none returns, and the next call sums right on every rank: the ranks that refused took part in the call
-    rank 0 had started, so nothing was left in flight. Under MPI (no early start) the same."""
+    (another size; an allreduce against its allgather; 5 elements against its empty tensor, which it cannot start).
+    Every rank raises the CollectiveError naming each rank's call, none returns, and the next call sums right on
+    every rank: the ranks that refused took part in the call rank 0 had started, so nothing was left in flight.
+    Under MPI (no early start) the same."""
     result = run_ranks(launcher, ranks, [SCENARIOS, "started_mismatch", backend, "20", algorithm], timeout=90)
     text = result.stdout + result.stderr
     assert result.returncode == 0, text[-3000:]
@@ -116,12 +117,16 @@ def test_a_call_one_rank_started_before_the_others_refused_it_fails_on_every_ran
     second += [
         f"rank {r}: call #3 allreduce(op='sum', algorithm='{algorithm}') on float32 (12,)" for r in range(1, ranks)
     ]
+    third = [f"rank 0: call #5 allreduce(op='sum', algorithm='{algorithm}') on float32 (0,)"]
+    third += [
+        f"rank {r}: call #5 allreduce(op='sum', algorithm='{algorithm}') on float32 (5,)" for r in range(1, ranks)
+    ]
     for rank in range(ranks):
-        for calls in (first, second):
+        for calls in (first, second, third):
             assert f"rank {rank} caught: collective calls differ across ranks ({'; '.join(calls)})" in text, text[
                 -3000:
             ]
-        assert text.count(f"rank {rank} next: [{ranks}.0, {ranks}.0, {ranks}.0]") == 2, text[-3000:]
+        assert text.count(f"rank {rank} next: [{ranks}.0, {ranks}.0, {ranks}.0]") == 3, text[-3000:]
     assert "returned" not in text and "terminate called" not in text
 
 

@@ -31,7 +31,8 @@ from distrib.comm.stuck import departed, report
 MODES = ("fingerprint", "all", "off")
 EARLY = ("allreduce", "reduce_scatter", "allgather")  # the collectives that complete only once every rank is in
 STARTED, REFUSED = 2, 1  # decisions, on the board's DECIDED_AT words
-_CODES: dict[Any, int] = {}  # call key -> code(): computed once per kind of call
+_CODES: dict[Any, int] = {}  # (name, op, algorithm, dtype, shape) -> code(): computed once per kind of call
+_MAX_CODES = 4096  # kinds of call remembered (a program of ever new shapes clears it now and then)
 
 
 def mode_from_env() -> str:
@@ -49,10 +50,13 @@ def checked(
     ends, and checked first. Runs on every call, so where nothing is wrong it costs a few stores and reads."""
     board = comm._board
     key = name if t is None else (name, op, algorithm, t.dtype, t.shape, tuple(label.items()) if label else None)
-    early = comm.starts_early and board is not None and board.whole and board.wakes and name in EARLY
+    # An empty tensor moves nothing: its completion would not mean that every rank is in the call.
+    early = comm.starts_early and board is not None and board.whole and board.wakes and name in EARLY and t.numel() > 0
     call = 0
-    if early and (call := _CODES.get(key)) is None:
-        call = _CODES[key] = code(name, t, op, algorithm)
+    if early and (call := _CODES.get(key[:5])) is None:
+        if len(_CODES) >= _MAX_CODES:
+            _CODES.clear()
+        call = _CODES[key[:5]] = code(name, t, op, algorithm)
 
     def run() -> Any:
         seq = comm._seq = comm._seq + 1

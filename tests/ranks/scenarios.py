@@ -81,8 +81,8 @@ def late_mismatch(comm: distrib.Communicator, algorithm: str) -> None:
 
 def started_mismatch(comm: distrib.Communicator, algorithm: str) -> None:
     """Rank 0 enters each call first, alone, so that it starts it (gloo does not wait: verify.start_early); the others
-    come 0.3 s later with other calls: 1000 elements against 1000 + rank, then an allgather against allreduces. No
-    rank may return from either, and the call after each must still sum right."""
+    come 0.3 s later with other calls: 1000 elements against 1000 + rank, an allgather against allreduces, an empty
+    tensor against 5 elements. No rank may return from any, and the call after each must still sum right."""
     bad = [
         lambda: comm.allreduce(torch.ones(1000 + comm.rank), algorithm=algorithm),
         lambda: (
@@ -90,6 +90,7 @@ def started_mismatch(comm: distrib.Communicator, algorithm: str) -> None:
             if comm.rank == 0
             else comm.allreduce(torch.ones(12), algorithm=algorithm)
         ),
+        lambda: comm.allreduce(torch.ones(0 if comm.rank == 0 else 5), algorithm=algorithm),  # nothing to start
     ]
     for call in bad:
         if comm.rank:
