@@ -274,8 +274,10 @@ class Communicator(Transport):
         return super()._timeout(what, missing)
 
     def _close_parts(self) -> None:
-        """What every transport's close ends first: the hierarchical algorithm's groups, then the recorder."""
-        for group in {g for pair in self._groups.values() for g in pair}:
+        """What every transport's close ends first: the hierarchical algorithm's groups, then the recorder. The groups
+        close in the order they were made, the same on every rank (closing is collective: a set's order, by address,
+        differed across ranks and left two ranks in MPI_Win_free of different groups, waiting for each other)."""
+        for group in dict.fromkeys(g for pair in self._groups.values() for g in pair):
             group.close()
         if self._board is not None:
             self._board.close()

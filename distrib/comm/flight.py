@@ -113,7 +113,7 @@ class Board:
         return word
 
     def give_up(self, seq: int) -> None:
-        """Say this rank stopped waiting in call `seq` (and will end): peers count it a fellow waiter, not a culprit."""
+        """Say this rank's call `seq` failed here (it will end): peers count it a fellow waiter, not a culprit."""
         self._me[GAVE_UP] = seq
 
     def done(self, seq: int) -> None:

@@ -84,8 +84,8 @@ def departed(board: Board, seq: int) -> bool:
 def _verdict(s: Seen, seq: int, fp: int | None, mine: int | None, theirs: str, now: float) -> tuple[str, str]:
     """(kind, what to say) about a peer, as seen by a rank waiting in collective `seq`."""
     after = f"after call #{s.done}" if s.done else "before its first call"
-    if s.gave_up == seq:  # it waited in this call too, and gave up first
-        return "waiting", f"gave up waiting in call #{seq} too"
+    if s.gave_up == seq:  # it was in this call too, and its wait failed first
+        return "waiting", f"gave up in call #{seq} too"
     state = process_state(s.pid) if s.local else "unknown"  # a pid of another host means nothing here
     if s.closed and s.done < seq:
         return "finished", f"finished: it closed its communicator {after}, {now - s.closed:.1f} s ago"

@@ -64,14 +64,19 @@ def checked(
             word = fingerprint(describe(name, t, op, algorithm, label)[0]) << 32 | seq & MASK
         else:
             word = board.enter(seq, key, name, t, op, algorithm, label, call)
-        if comm.verify == "fingerprint":
-            if early:
-                return start_early(comm, board, seq, word, job, name)
-            if board is None or not board.agreed(seq, word):
-                agree(comm, seq, word >> 32, name, (name, t, op, algorithm, label))
-        elif comm.verify == "all":
-            compare_all(comm, seq, describe(name, t, op, algorithm, label)[0])
-        result = job()
+        try:
+            if comm.verify == "fingerprint":
+                if early:
+                    return start_early(comm, board, seq, word, job, name)
+                if board is None or not board.agreed(seq, word):
+                    agree(comm, seq, word >> 32, name, (name, t, op, algorithm, label))
+            elif comm.verify == "all":
+                compare_all(comm, seq, describe(name, t, op, algorithm, label)[0])
+            result = job()
+        except CollectiveError:
+            if board is not None:  # peers that time out later must not take this rank's exit for "finished"
+                board.give_up(seq)
+            raise
         if board is not None:
             board.done(seq)
         return result
