@@ -42,7 +42,6 @@ def report(comm: Any, what: str, missing: list[int], gone: bool = False) -> Coll
     if board.mirror is not None:
         board.refresh()  # the ranks of other hosts, as they last published themselves
     me, seq, now = comm.rank, comm._seq, time.time()
-    board.give_up(seq)
     mine = board.fingerprint(me, seq)
     verdicts = {}
     for r in board.others():

@@ -53,10 +53,10 @@ def checked(
     # An empty tensor moves nothing: its completion would not mean that every rank is in the call.
     early = comm.starts_early and board is not None and board.whole and board.wakes and name in EARLY and t.numel() > 0
     call = 0
-    if early and (call := _CODES.get(key[:5])) is None:
+    if early and (call := _CODES.get(kind := key[:5])) is None:
         if len(_CODES) >= _MAX_CODES:
             _CODES.clear()
-        call = _CODES[key[:5]] = code(name, t, op, algorithm)
+        call = _CODES[kind] = code(name, t, op, algorithm)
 
     def run() -> Any:
         seq = comm._seq = comm._seq + 1
@@ -65,14 +65,14 @@ def checked(
         else:
             word = board.enter(seq, key, name, t, op, algorithm, label, call)
         try:
-            if comm.verify == "fingerprint":
-                if early:
-                    return start_early(comm, board, seq, word, job, name)
-                if board is None or not board.agreed(seq, word):
+            if early and comm.verify == "fingerprint":
+                result = start_early(comm, board, seq, word, job, name)
+            else:
+                if comm.verify == "fingerprint" and (board is None or not board.agreed(seq, word)):
                     agree(comm, seq, word >> 32, name, (name, t, op, algorithm, label))
-            elif comm.verify == "all":
-                compare_all(comm, seq, describe(name, t, op, algorithm, label)[0])
-            result = job()
+                elif comm.verify == "all":
+                    compare_all(comm, seq, describe(name, t, op, algorithm, label)[0])
+                result = job()
         except CollectiveError:
             if board is not None:  # peers that time out later must not take this rank's exit for "finished"
                 board.give_up(seq)
@@ -122,7 +122,6 @@ def start_early(comm: Any, board: Board, seq: int, word: int, job: Callable[[], 
         raise
     if board.differs(seq, word):
         _differ(comm, _calls(board, seq))
-    board.done(seq)
     return result
 
 
