@@ -17,6 +17,7 @@ import torch
 from distrib.comm import flight, stuck
 from distrib.comm.contract import CollectiveError, CollectiveTimeout
 from distrib.comm.flight import Board
+from distrib.comm.kinds import Kind
 
 
 @pytest.fixture
@@ -32,9 +33,7 @@ def boards():
 
 
 def call(board: Board, seq: int, numel: int, label: dict | None = None) -> None:
-    t = torch.ones(numel)
-    key = ("allreduce", "sum", "ring", t.dtype, t.shape, tuple(label.items()) if label else None)
-    board.enter(seq, key, "allreduce", t, "sum", "ring", label)
+    board.enter(seq, Kind("allreduce", "sum", "ring", label), torch.ones(numel))
 
 
 def comm_of(board: Board, seq: int) -> SimpleNamespace:

@@ -12,15 +12,17 @@ from __future__ import annotations
 import pickle
 import time
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 import torch
 
-from distrib.comm import auto, stuck, verify
+from distrib.comm import stuck, verify
 from distrib.comm.algorithms import ALGORITHMS, TABLE
-from distrib.comm.contract import CollectiveTimeout, check_tensor, check_timeout, env_timeout
+from distrib.comm.contract import CollectiveTimeout, check_timeout, env_timeout
 from distrib.comm.engine import Engine, Handle, observed
 from distrib.comm.flight import Board, open_board
+from distrib.comm.kinds import Kind, algorithm_of, kind_of
 from distrib.comm.mirror import Mirror
 from distrib.comm.topology import Topology, place
 from distrib.comm.transport import Transport
@@ -50,6 +52,7 @@ class Communicator(Transport):
         self.observer: Callable[[str, int, int, int, dict[str, Any]], None] | None = None
         self._topology: Topology | None = None  # which ranks share a host, found on first need (_hosts)
         self._groups: dict[Topology, tuple[Communicator, Communicator]] = {}  # the hierarchical algorithm's splits
+        self._kinds: dict[Any, Kind] = {}  # the kinds of call seen (kinds.py)
 
     @property
     def blocked_seconds(self) -> float:
@@ -84,24 +87,23 @@ class Communicator(Transport):
         `label` (of this and the other tensor collectives) adds fields to what the observer sees, such as a trace
         span's {"bucket": 3}.
         """
-        check_tensor(t, op)
-        algorithm = self.check_algorithm(algorithm or self.algorithm)
+        kind = kind_of(self, "allreduce", t, op, algorithm or self.algorithm, label)
 
         def job() -> torch.Tensor:
-            chosen = auto.choose(self, algorithm, nbytes)
-            if self.size == 1 or t.numel() == 0:
+            chosen = kind.chosen or algorithm_of(self, kind)
+            if self.size == 1 or kind.nbytes == 0:
                 return t
             work = self._staged(t, host=chosen == "shm")
-            flat = work if work.dim() == 1 else work.view(-1)
-            TABLE[chosen].allreduce(self, flat, "sum" if op == "avg" else op)
+            flat, reduce = work if work.dim() == 1 else work.view(-1), "sum" if op == "avg" else op
+            if chosen != "native" or not self._restart(kind, flat, reduce):
+                TABLE[chosen].allreduce(self, flat, reduce)
             if op == "avg":
                 flat.div_(self.size)
             if work is not t:
                 t.copy_(work)
             return t
 
-        nbytes = t.numel() * t.element_size()
-        return self._run(job, async_op, "allreduce", label, t, op=op, algorithm=algorithm, bytes=nbytes)
+        return self._run(job, async_op, kind, t)
 
     def reduce_scatter(
         self,
@@ -116,8 +118,7 @@ class Communicator(Transport):
 
         `t` serves as scratch space: afterwards its contents are unspecified (the result may be a view of it).
         """
-        check_tensor(t, op)
-        algorithm = self.check_algorithm(algorithm or self.algorithm)
+        kind = kind_of(self, "reduce_scatter", t, op, algorithm or self.algorithm, label)
         if t.dim() == 0 or t.shape[0] % self.size:
             raise ValueError(
                 f"reduce_scatter needs dim 0 divisible by the world size {self.size}, got shape "
@@ -125,7 +126,7 @@ class Communicator(Transport):
             )
 
         def job() -> torch.Tensor:
-            chosen = auto.choose(self, algorithm, nbytes)
+            chosen = kind.chosen or algorithm_of(self, kind)
             if self.size == 1:
                 return t
             work = self._staged(t, host=chosen == "shm")
@@ -134,8 +135,7 @@ class Communicator(Transport):
                 shard.div_(self.size)
             return shard.view(t.shape[0] // self.size, *t.shape[1:]).to(t.device)
 
-        nbytes = t.numel() * t.element_size()
-        return self._run(job, async_op, "reduce_scatter", label, t, op=op, algorithm=algorithm, bytes=nbytes)
+        return self._run(job, async_op, kind, t)
 
     def allgather(
         self,
@@ -147,8 +147,7 @@ class Communicator(Transport):
         label: Mapping[str, Any] | None = None,
     ) -> torch.Tensor | Handle:
         """Every rank's `t` concatenated along dim 0, written into `out` when given (t may be a view of it)."""
-        check_tensor(t, "sum")
-        algorithm = self.check_algorithm(algorithm or self.algorithm)
+        kind = kind_of(self, "allgather", t, "", algorithm or self.algorithm, label)
         shape = (self.size * (t.shape[0] if t.dim() else 1), *t.shape[1:])
         if out is None:
             out = torch.empty(shape, dtype=t.dtype, device=t.device)
@@ -159,7 +158,7 @@ class Communicator(Transport):
             )
 
         def job() -> torch.Tensor:
-            chosen = auto.choose(self, algorithm, nbytes)
+            chosen = kind.chosen or algorithm_of(self, kind)
             work = self._staged(out, copy_in=False, host=chosen == "shm")
             flat = work.view(-1)
             part = t.numel()
@@ -172,14 +171,13 @@ class Communicator(Transport):
                 out.copy_(work)
             return out
 
-        nbytes = out.numel() * out.element_size()
-        return self._run(job, async_op, "allgather", label, t, algorithm=algorithm, bytes=nbytes)
+        return self._run(job, async_op, kind, t)
 
     def broadcast(
         self, t: torch.Tensor, root: int = 0, async_op: bool = False, *, label: Mapping[str, Any] | None = None
     ) -> torch.Tensor | Handle:
         """Copy rank `root`'s `t` into every rank's `t`, in place."""
-        check_tensor(t, "sum")
+        kind = kind_of(self, "broadcast", t, f"root {root}", "", label, root=root)
         if not 0 <= root < self.size:
             raise ValueError(f"broadcast root {root} is not a rank of a world of size {self.size}")
 
@@ -192,16 +190,15 @@ class Communicator(Transport):
                 t.copy_(work)
             return t
 
-        nbytes = t.numel() * t.element_size()
-        return self._run(job, async_op, "broadcast", label, t, op=f"root {root}", root=root, bytes=nbytes)
+        return self._run(job, async_op, kind, t)
 
     def barrier(self, async_op: bool = False) -> None | Handle:
         """Return once every rank has called barrier (or raise CollectiveTimeout)."""
-        return self._run(lambda: self._native_barrier() if self.size > 1 else None, async_op, "barrier")
+        return self._run(lambda: self._native_barrier() if self.size > 1 else None, async_op, kind_of(self, "barrier"))
 
     def allgather_object(self, obj: Any) -> list[Any]:
         """Every rank's picklable `obj`, as a list indexed by rank."""
-        return self._run(lambda: self._allgather_object(obj), False, "allgather_object")
+        return self._run(lambda: self._allgather_object(obj), False, kind_of(self, "allgather_object"))
 
     def broadcast_object(self, obj: Any, root: int = 0) -> Any:
         """Rank `root`'s picklable `obj`, on every rank."""
@@ -242,30 +239,23 @@ class Communicator(Transport):
         """A key-value store (torch.distributed's) every rank reaches, for the recorder across hosts; None: none."""
         return None
 
-    def _run(
-        self,
-        job: Callable[[], Any],
-        async_op: bool,
-        name: str,
-        label: Mapping[str, Any] | None = None,
-        t: torch.Tensor | None = None,
-        **info: Any,
-    ) -> Any:
+    def _run(self, job: Callable[[], Any], async_op: bool, kind: Kind, t: torch.Tensor | None = None) -> Any:
         if self.size > 1:
-            job = verify.checked(self, job, name, label, t, info.get("op", ""), info.get("algorithm", ""))
+            job = partial(verify.run, self, kind, t, job)
         if self.observer is not None:
-            job = observed(job, self.observer, name, {**info, **(label or {})})
-        if self._engine.on_its_thread():  # called back by a finished collective (a hook's future): run it now,
-            return self._engine.run_here(job, async_op)  # in the same place of the order on every rank
-        if async_op:
-            return self._engine.submit(job)
-        if self._engine.idle:  # nothing queued before us: run on the caller's thread, no hand-off cost
-            start = time.perf_counter_ns()
+            job = observed(job, self.observer, kind.name, kind.info)
+        engine = self._engine
+        if engine.idle and not async_op:  # nothing queued (so not on its thread): run on the caller's thread, no
+            start = time.perf_counter_ns()  # hand-off cost
             try:
                 return job()
             finally:
-                self._engine.blocked_ns += time.perf_counter_ns() - start
-        return self._engine.submit(job).wait()  # queued behind earlier async work, to keep the order
+                engine.blocked_ns += time.perf_counter_ns() - start
+        if engine.on_its_thread():  # called back by a finished collective (a hook's future): run it now,
+            return engine.run_here(job, async_op)  # in the same place of the order on every rank
+        if async_op:
+            return engine.submit(job)
+        return engine.submit(job).wait()  # queued behind earlier async work, to keep the order
 
     def _timeout(self, what: str, missing: list[int]) -> CollectiveTimeout:
         return stuck.report(self, what, missing)  # the flight recorder's account of who is where

@@ -21,7 +21,6 @@ import threading
 import time
 import traceback
 import weakref
-from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +35,7 @@ RING_AT, RING = 16, 8  # words 16..23: fp << 32 | seq & MASK of the last RING ca
 NAMED_AT = RING_AT + RING  # words 24..31: the description id of each of those calls
 CODE_AT = NAMED_AT + RING  # words 32..39: each of those calls as verify.code() has it (written before its word)
 DECIDED_AT = CODE_AT + RING  # words 40..47: verify.py's decision on each, started or refused, << 32 | seq & MASK
+VOTE_AT = DECIDED_AT + RING  # words 48..55: the transport's vote on each (Transport._vote) << 32 | seq & MASK
 MASK = 0xFFFFFFFF
 NAMES, NAME_BYTES = 256, 128  # a description: its id (8 bytes), its length (2), its text
 NAMES_AT = HEADER * 8
@@ -83,7 +83,6 @@ class Board:
         # Looks the fast path takes: none unless every rank is here (else the check is a collective, and a rank must
         # not skip it), one when waiting ranks would take the cores (the Communicator says if its library needs them).
         self.tries = 0 if not whole else 1 if self.crowded else TRIES
-        self._names: dict[Hashable, tuple[int, int]] = {}  # call key -> (fingerprint, description id)
         self._named = 0
         self._owner = os.getpid()
         self._stop = threading.Event()
@@ -93,20 +92,20 @@ class Board:
 
     # Writing this rank's slot: each collective's start and end.
 
-    def enter(
-        self, seq: int, key: Hashable, name: str, t: Any, op: str, algorithm: str, label: Any, code: int = 0
-    ) -> int:
-        """Record that this rank entered collective `seq` (and its `code`, verify.code); returns the word its peers
-        must have written for it (fp << 32 | seq) if they make the same call. The call is described (`describe`)
-        the first time its key is seen only: every call costs these few stores. Where peers may sleep on the word
-        (`wakes`), the wake also orders the word before this rank's next looks at theirs (a full barrier)."""
-        known = self._names.get(key)
+    def enter(self, seq: int, kind: Any, t: Any, vote: int = 0) -> int:
+        """Record that this rank entered collective `seq`, a call of `kind` (kinds.Kind) on `t`, with the transport's
+        `vote` on it; returns the word its peers must have written for it (fp << 32 | seq) if they make the same
+        call. The call is described
+        (`describe`) on its kind's first call only: every call costs these few stores. Where peers may sleep on the
+        word (`wakes`), the wake also orders the word before this rank's next looks at theirs (a full barrier)."""
+        known = kind.named
         if known is None or self._named - known[1] > NAMES:  # never seen, or its description overwritten since
-            known = self._names[key] = self._name(*describe(name, t, op, algorithm, label))
+            known = kind.named = self._name(*describe(kind.name, t, kind.op, kind.algorithm, kind.label))
         word = known[0] << 32 | seq & MASK
         me, at = self._me, seq % RING
         me[NAMED_AT + at] = known[1]  # before the word: a peer that sees the word sees its description
-        me[CODE_AT + at] = code
+        me[CODE_AT + at] = kind.code
+        me[VOTE_AT + at] = vote << 32 | seq & MASK
         me[RING_AT + at] = word
         if self.wakes:
             slots_.wake(self._at[self.rank] + (RING_AT + at) * 8)
@@ -135,6 +134,17 @@ class Board:
             if theirs != word and theirs & MASK == low:
                 return True
         return False
+
+    def least_vote(self, seq: int) -> int:
+        """The least of every rank's vote on call `seq`, or -1 while a peer has not entered it."""
+        at, low = VOTE_AT + seq % RING, seq & MASK
+        least = self._me[at] >> 32
+        for words in self._peer_words:
+            word = words[at]  # read once: the peer may be writing it
+            if word & MASK != low:
+                return -1
+            least = min(least, word >> 32)
+        return least
 
     def post(self, at: int, seq: int, value: int) -> None:
         """Write `value` into this rank's word for call `seq` in the ring at `at` (DECIDED_AT)."""

@@ -7,9 +7,11 @@ pinned host memory by the base class unless this MPI reports CUDA support.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,6 +36,8 @@ _NUMPY = {d for d in _TYPES if d != torch.bfloat16}  # the dtypes numpy holds: t
 _NUMPY_TYPES = {torch.empty(0, dtype=d).numpy().dtype: _TYPES[d] for d in _NUMPY}
 _OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
 _HALF = (torch.float16, torch.bfloat16)
+SAVED_MAX = 256  # persistent allreduces a communicator keeps (each holds MPI's schedule of one kind of call)
+NO_PART, NEW, FITS = 0, 1, 2  # votes on restarting one (MPICommunicator._vote)
 _ABORT_GRACE = 0.5  # seconds a failing rank gives the launcher to forward its message before aborting the job
 
 
@@ -69,6 +73,9 @@ class MPICommunicator(Communicator):
         self._comm = (comm or MPI.COMM_WORLD).Dup()  # our traffic never matches a user's own MPI calls
         self._host = self._comm.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks on this host
         self._shared: SharedMemory | None = None  # algorithm "shm"'s window, made on first use
+        # Per kind of allreduce (kinds.Kind): the memory its persistent request reads, and the request (_restart).
+        self._saved: dict[Any, tuple[int, MPI.Prequest]] = {}
+        self._persists = MPI.Get_version() >= (4, 0) and hasattr(self._comm, "Allreduce_init")
         super().__init__(self._comm.Get_rank(), self._comm.Get_size(), timeout=timeout, algorithm=algorithm)
         cores = set().union(*self._host.allgather(_cores()))
         self._crowded = self._host.Get_size() > len(cores)  # oversubscribed: waiting ranks must give way
@@ -128,7 +135,46 @@ class MPICommunicator(Communicator):
             self._native_allreduce(wide, op)
             flat.copy_(wide)
             return
-        self.wait_all([(self._comm.Iallreduce(MPI.IN_PLACE, _buffer(flat), _OPS[op]), -1)], "MPI allreduce")
+        done = self._comm.Iallreduce(MPI.IN_PLACE, _buffer(flat), _OPS[op]).Test
+        if not done():
+            self._until(done, "MPI allreduce", lambda: [-1], sleeps=False)
+
+    def _vote(self, kind: Any, t: torch.Tensor | None) -> int:
+        """FITS where this rank's persistent allreduce for `kind` reads t's memory, NEW where it may make one, NO_PART
+        where it makes none (not a native allreduce of a CPU tensor MPI reduces, or SAVED_MAX kept already)."""
+        saved = self._saved.get(kind)
+        if saved is not None:  # a kind that qualified: only t may not
+            return FITS if saved[0] == t.data_ptr() and t.is_contiguous() else NEW if t.is_cpu else NO_PART
+        if kind.name != "allreduce" or (kind.chosen or kind.algorithm) != "native" or not self._persists:
+            return NO_PART
+        if not t.is_cpu or t.dtype in _HALF or not kind.nbytes or len(self._saved) >= SAVED_MAX:
+            return NO_PART
+        return NEW
+
+    def _restart(self, kind: Any, flat: torch.Tensor, op: str) -> bool:
+        """A repeated allreduce restarts a persistent request (MPI-4's MPI_Allreduce_init) instead of a new
+        MPI_Iallreduce, whose schedule MPICH builds on every call (at 4 KiB ~1 us of ~4). Making one is collective,
+        and it reads one buffer: restart only if every rank's saved request reads this call's tensor, else every rank
+        makes a new one together; the votes (_vote) are on the board, where every rank of one host reads them."""
+        board, seq = self._board, self._seq
+        if board is None or not board.whole:
+            return False
+        least = board.least_vote(seq)
+        if least < 0:  # a peer not in the call yet: the check is off
+            self._until(lambda: board.least_vote(seq) >= 0, "MPI allreduce (votes)", lambda: [-1])
+            least = board.least_vote(seq)
+        if least == NO_PART:
+            return False
+        if least == NEW:
+            old = self._saved.pop(kind, None)
+            if old is not None:
+                old[1].Free()
+            self._saved[kind] = flat.data_ptr(), self._comm.Allreduce_init(MPI.IN_PLACE, _buffer(flat), _OPS[op])
+        request = self._saved[kind][1]
+        request.Start()
+        if not request.Test():
+            self._until(request.Test, "MPI allreduce", lambda: [-1], sleeps=False)
+        return True
 
     def _native_reduce_scatter(self, flat: torch.Tensor, out: torch.Tensor, op: str) -> None:
         if flat.dtype in _HALF:
@@ -163,6 +209,9 @@ class MPICommunicator(Communicator):
         self._close_parts()
         if self._shared is not None:
             self._shared.close()
+        for _, request in self._saved.values():
+            with contextlib.suppress(MPI.Exception):  # one still active after a timeout: the job is ending anyway
+                request.Free()
         self._host.Free()
         self._comm.Free()
 

@@ -88,7 +88,7 @@ class Transport(abc.ABC):
         """`t` itself when the transport can use it, else a contiguous copy where it can: pinned host memory for a
         CUDA tensor (MPI without CUDA support, gloo), the GPU for a CPU tensor (NCCL). host: the algorithm works in
         host memory (shm), whatever the transport reads."""
-        usable = t.device.type in self.devices and not (host and t.device.type != "cpu")
+        usable = "cpu" in self.devices if t.is_cpu else not host and t.device.type in self.devices
         if t.is_contiguous() and usable:
             return t
         if usable:
@@ -100,6 +100,16 @@ class Transport(abc.ABC):
         if copy_in:
             work.copy_(t)
         return work
+
+    def _vote(self, kind: Any, t: torch.Tensor | None) -> int:
+        """This rank's say, on the flight recorder's board as it enters a call of `kind` (kinds.Kind) on `t`, in a
+        decision every rank must make alike (`_restart`); 0: no part in it."""
+        return 0
+
+    def _restart(self, kind: Any, flat: torch.Tensor, op: str) -> bool:
+        """Make the allreduce of the call entered last (`flat`, a call of `kind`) by restarting what an earlier call
+        of that kind saved, where every rank's vote lets it; False: not made, run the algorithm."""
+        return False
 
     def shared_zeros(self, numel: int, dtype: torch.dtype) -> torch.Tensor | None:
         """Collective: a zeroed CPU tensor in memory every rank maps, which algorithm "shm" reduces where it lies

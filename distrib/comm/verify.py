@@ -17,7 +17,7 @@ A mismatch raises CollectiveError on every rank, naming each rank's call and its
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,8 +31,6 @@ from distrib.comm.stuck import departed, report
 MODES = ("fingerprint", "all", "off")
 EARLY = ("allreduce", "reduce_scatter", "allgather")  # the collectives that complete only once every rank is in
 STARTED, REFUSED = 2, 1  # decisions, on the board's DECIDED_AT words
-_CODES: dict[Any, int] = {}  # (name, op, algorithm, dtype, shape) -> code(): computed once per kind of call
-_MAX_CODES = 4096  # kinds of call remembered (a program of ever new shapes clears it now and then)
 
 
 def mode_from_env() -> str:
@@ -42,46 +40,33 @@ def mode_from_env() -> str:
     return mode
 
 
-def checked(
-    comm: Any, job: Callable[[], Any], name: str, label: Mapping[str, Any] | None, t: torch.Tensor | None, op: str,
-    algorithm: str,
-) -> Callable[[], Any]:  # fmt: skip
-    """`job` as collective number comm._seq + 1 (counted when it starts): on the board (flight.py) as it starts and
-    ends, and checked first. Runs on every call, so where nothing is wrong it costs a few stores and reads."""
-    board = comm._board
-    key = name if t is None else (name, op, algorithm, t.dtype, t.shape, tuple(label.items()) if label else None)
-    # An empty tensor moves nothing: its completion would not mean that every rank is in the call.
-    early = comm.starts_early and board is not None and board.whole and board.wakes and name in EARLY and t.numel() > 0
-    call = 0
-    if early and (call := _CODES.get(kind := key[:5])) is None:
-        if len(_CODES) >= _MAX_CODES:
-            _CODES.clear()
-        call = _CODES[kind] = code(name, t, op, algorithm)
-
-    def run() -> Any:
-        seq = comm._seq = comm._seq + 1
-        if board is None:  # no board here: the check goes by messages
-            word = fingerprint(describe(name, t, op, algorithm, label)[0]) << 32 | seq & MASK
+def run(comm: Any, kind: Any, t: torch.Tensor | None, job: Callable[[], Any]) -> Any:
+    """`job`, a call of `kind` (kinds.Kind) on `t`, as collective number comm._seq + 1 (counted when it starts): on
+    the board (flight.py) as it starts and ends, and checked first. Runs on every call, so where nothing is wrong
+    it costs a few stores and reads."""
+    board, mode = comm._board, comm.verify
+    seq = comm._seq = comm._seq + 1
+    if board is None:  # no board here: the check goes by messages
+        word = fingerprint(describe(kind.name, t, kind.op, kind.algorithm, kind.label)[0]) << 32 | seq & MASK
+    else:
+        word = board.enter(seq, kind, t, comm._vote(kind, t))
+    early = comm.starts_early and kind.code and board is not None and board.whole and board.wakes
+    try:
+        if early and mode == "fingerprint":
+            result = start_early(comm, board, seq, word, job, kind.name)
         else:
-            word = board.enter(seq, key, name, t, op, algorithm, label, call)
-        try:
-            if early and comm.verify == "fingerprint":
-                result = start_early(comm, board, seq, word, job, name)
-            else:
-                if comm.verify == "fingerprint" and (board is None or not board.agreed(seq, word)):
-                    agree(comm, seq, word >> 32, name, (name, t, op, algorithm, label))
-                elif comm.verify == "all":
-                    compare_all(comm, seq, describe(name, t, op, algorithm, label)[0])
-                result = job()
-        except CollectiveError:
-            if board is not None:  # peers that time out later must not take this rank's exit for "finished"
-                board.give_up(seq)
-            raise
-        if board is not None:
-            board.done(seq)
-        return result
-
-    return run
+            if mode == "fingerprint" and (board is None or not board.agreed(seq, word)):
+                agree(comm, seq, word >> 32, kind.name, (kind.name, t, kind.op, kind.algorithm, kind.label))
+            elif mode == "all":
+                compare_all(comm, seq, describe(kind.name, t, kind.op, kind.algorithm, kind.label)[0])
+            result = job()
+    except CollectiveError:
+        if board is not None:  # peers that time out later must not take this rank's exit for "finished"
+            board.give_up(seq)
+        raise
+    if board is not None:
+        board.done(seq)
+    return result
 
 
 def agree(comm: Any, seq: int, fp: int, what: str, call: tuple) -> None:

@@ -165,6 +165,36 @@ def test_broadcast(comm, root, dtype):
     assert torch.equal(t.reshape(-1), rank_tensor(root, 1001, dtype))
 
 
+@pytest.mark.parametrize("check", ["fingerprint", "off"])
+def test_repeated_allreduces_restart_a_saved_request_only_where_every_rank_s_memory_is_the_same(comm, check):
+    """MPI: an allreduce made again on the same memory restarts the persistent request its kind saved. Where one
+    rank's tensor moved (odd ranks allocate anew from the third call) every rank makes a new one together; a
+    transposed view of the same memory (same shape, same address) is staged; each sum is right and nothing hangs,
+    with the check on (votes read once all ranks are in) and off (votes waited for)."""
+    if comm.backend != "mpi" or comm.size == 1 or not comm._persists:
+        pytest.skip("persistent allreduces are the mpi backend's, for 2+ ranks of an MPI-4 library")
+    comm.verify, kept, made = check, torch.zeros(64, 64), []
+    try:
+        for step in range(6):
+            moved = comm.rank % 2 == 1 and step >= 2
+            t = torch.zeros(64, 64) if moved else kept
+            t.copy_(rank_tensor(comm.rank, 64 * 64, torch.float32).view(64, 64) + step)
+            comm.allreduce(t)
+            expected = reference(comm.size, 64 * 64, torch.float32, "sum").reshape(64, 64) + comm.size * step
+            np.testing.assert_allclose(t.numpy(), expected, rtol=1e-5, atol=1e-5)
+            made.append(next(request for kind, (_, request) in comm._saved.items() if kind.label is None and
+                             kind.nbytes == 64 * 64 * 4 and kind.op == "sum"))  # fmt: skip
+        assert made[0] is made[1]  # restarted, not made again
+        assert made[2] is not made[1] and made[3] is not made[2]  # rank 1's memory moved: made again on every rank
+        view = kept.t()  # same shape, same address, not contiguous: reduced through a copy, written back
+        view.copy_(rank_tensor(comm.rank, 64 * 64, torch.float32).view(64, 64))
+        comm.allreduce(view)
+        expected = reference(comm.size, 64 * 64, torch.float32, "sum").reshape(64, 64)
+        np.testing.assert_allclose(view.numpy(), expected, rtol=1e-5, atol=1e-5)
+    finally:
+        comm.verify = "fingerprint"
+
+
 def test_async_handles_complete_in_order(comm):
     algorithms = [a for a in ALGORITHMS if a != "shm" or comm.backend == "mpi"]
     tensors = [rank_tensor(comm.rank, 5000, torch.float64) for _ in algorithms]
