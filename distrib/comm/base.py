@@ -240,22 +240,23 @@ class Communicator(Transport):
         return None
 
     def _run(self, job: Callable[[], Any], async_op: bool, kind: Kind, t: torch.Tensor | None = None) -> Any:
-        if self.size > 1:
-            job = partial(verify.run, self, kind, t, job)
-        if self.observer is not None:
-            job = observed(job, self.observer, kind.name, kind.info)
-        engine = self._engine
-        if engine.idle and not async_op:  # nothing queued (so not on its thread): run on the caller's thread, no
-            start = time.perf_counter_ns()  # hand-off cost
-            try:
-                return job()
-            finally:
-                engine.blocked_ns += time.perf_counter_ns() - start
-        if engine.on_its_thread():  # called back by a finished collective (a hook's future): run it now,
-            return engine.run_here(job, async_op)  # in the same place of the order on every rank
-        if async_op:
-            return engine.submit(job)
-        return engine.submit(job).wait()  # queued behind earlier async work, to keep the order
+        engine, checked = self._engine, self.size > 1
+        if self.observer is not None or async_op or not engine.idle:
+            if checked:
+                job, checked = partial(verify.run, self, kind, t, job), False
+            if self.observer is not None:
+                job = observed(job, self.observer, kind.name, kind.info)
+            if engine.on_its_thread():  # called back by a finished collective (a hook's future): run it now,
+                return engine.run_here(job, async_op)  # in the same place of the order on every rank
+            if async_op:
+                return engine.submit(job)
+            if not engine.idle:
+                return engine.submit(job).wait()  # queued behind earlier async work, to keep the order
+        start = time.perf_counter_ns()  # nothing queued: run on the caller's thread, no hand-off cost
+        try:
+            return verify.run(self, kind, t, job) if checked else job()
+        finally:
+            engine.blocked_ns += time.perf_counter_ns() - start
 
     def _timeout(self, what: str, missing: list[int]) -> CollectiveTimeout:
         return stuck.report(self, what, missing)  # the flight recorder's account of who is where

@@ -143,7 +143,8 @@ class Board:
             word = words[at]  # read once: the peer may be writing it
             if word & MASK != low:
                 return -1
-            least = min(least, word >> 32)
+            if word >> 32 < least:
+                least = word >> 32
         return least
 
     def post(self, at: int, seq: int, value: int) -> None:
