@@ -21,6 +21,7 @@ from distrib.comm.regions import Regions
 PIECE_BYTES = 1 << 20  # per buffer: BUFFERS x ranks of them fit the L3 cache a host's cores share
 BUFFERS = 3  # piece i+3 reuses piece i's buffers, when every rank has passed two more waits
 SMALL_BYTES = 64 << 10  # up to this size (any size at 2 ranks) every rank combines every slot: fewer steps
+SHORT = 3 * 64  # views of the buffers' first elements kept, per (dtype, length, buffer): _next
 HEADER = 128  # the flag, then padding so the data starts on a cache line of its own
 
 # until(done, what, missing): poll done() to the deadline, else raise naming what and missing()'s ranks.
@@ -41,11 +42,13 @@ class SharedMemory:
         self._win.Lock_all(MPI.MODE_NOCHECK)  # a passive epoch, in which Sync() is a memory barrier
         memory = [self._win.Shared_query(k)[0] for k in range(self.size)]
         self._flags = [memoryview(m)[:8].cast("q") for m in memory]
+        self._peer_flags = [self._flags[k] for k in self._peers]
         self._buffers = []  # [rank] -> BUFFERS * piece bytes, 64-byte aligned
         for m in memory:
             offset = HEADER - MPI.Get_address(m) % 64
             self._buffers.append(torch.frombuffer(m, dtype=torch.uint8, offset=offset, count=BUFFERS * piece_bytes))
         self._typed: dict[torch.dtype, list[list[torch.Tensor]]] = {}
+        self._short: dict[tuple[torch.dtype, int, int], list[torch.Tensor]] = {}  # _next's views of a length
         self.regions = Regions()  # tensors every rank maps, reduced where they lie (allreduce_regions_)
         self._flags[self.rank][0] = self._arrivals = self._pieces = 0
         host.Barrier()  # every flag is zero before anyone waits on one
@@ -101,19 +104,20 @@ class SharedMemory:
     def _allreduce_whole_(self, flat: torch.Tensor, op: str) -> None:
         """Each rank publishes its pieces whole and combines every slot: at 2 ranks as little copying as
         splitting the work, and for small tensors, half the waits."""
-        r, cap = self.rank, self._piece // flat.itemsize
-        for start in range(0, flat.numel(), cap):
-            piece = flat[start : start + cap]
-            m, slots = piece.numel(), self._next(flat.dtype)
-            slots[r][:m].copy_(piece)
+        r, n, cap = self.rank, flat.numel(), self._piece // flat.itemsize
+        for start in range(0, n, cap):
+            piece = flat if n <= cap else flat[start : start + cap]  # a slice costs ~0.5 us: none for one piece
+            m = piece.numel()
+            slots = self._next(flat.dtype, m)
+            slots[r].copy_(piece)
             self._arrive("shm allreduce")
             if self.size == 2:  # a + b == b + a exactly, so both ranks end with the same bits
-                combine_(piece, slots[1 - r][:m], op)
+                combine_(piece, slots[1 - r], op)
                 continue
             if r:  # rank order on every rank: the same bits everywhere
-                piece.copy_(slots[0][:m])
+                piece.copy_(slots[0])
             for k in range(1, self.size):
-                combine_(piece, slots[k][:m], op)
+                combine_(piece, slots[k], op)
 
     def _gather_results(self, piece: torch.Tensor, slots: list[torch.Tensor], parts: list[tuple[int, int]]) -> None:
         """Copy every other rank's combined part of `piece` out of its slot."""
@@ -157,30 +161,42 @@ class SharedMemory:
     def close(self) -> None:
         """Unmap the window; views of it must not outlive this."""
         self._typed.clear()
+        self._short.clear()
         self._buffers.clear()
         for flag in self._flags:
             flag.release()
         self._win.Unlock_all()
         self._win.Free()
 
-    def _next(self, dtype: torch.dtype) -> list[torch.Tensor]:
-        """Every rank's buffer for the next piece, as `dtype` elements; pieces take the buffers in turn."""
+    def _next(self, dtype: torch.dtype, numel: int | None = None) -> list[torch.Tensor]:
+        """Every rank's buffer for the next piece, as `dtype` elements (the first `numel` of them: views kept for
+        up to SHORT lengths, since slicing costs more than a small piece's copy); pieces take the buffers in turn."""
+        self._pieces += 1
+        if numel is not None and (views := self._short.get((dtype, numel, self._pieces % BUFFERS))) is not None:
+            return views
         typed = self._typed.get(dtype)
         if typed is None:
             rows = [b.view(BUFFERS, -1) for b in self._buffers]
             typed = self._typed[dtype] = [[row[i].view(dtype) for row in rows] for i in range(BUFFERS)]
-        self._pieces += 1
-        return typed[self._pieces % BUFFERS]
+        views = typed[self._pieces % BUFFERS]
+        if numel is not None:
+            views = [v[:numel] for v in views]
+            if len(self._short) < SHORT:
+                self._short[dtype, numel, self._pieces % BUFFERS] = views
+        return views
 
     def _arrive(self, what: str) -> None:
         """Publish that this rank's writes so far are done, and wait until every rank has said the same."""
         self._arrivals += 1
-        step, flags = self._arrivals, self._flags
+        step, flags, peers = self._arrivals, self._flags, self._peer_flags
         self._win.Sync()  # our data before our flag
         flags[self.rank][0] = step
-        self._until(
-            lambda: all(flag[0] >= step for flag in flags),
-            what,
-            lambda: [k for k, flag in enumerate(flags) if flag[0] < step],
-        )
+
+        def arrived() -> bool:
+            for flag in peers:
+                if flag[0] < step:
+                    return False
+            return True
+
+        self._until(arrived, what, lambda: [k for k, flag in enumerate(flags) if flag[0] < step])
         self._win.Sync()  # their data after their flags
