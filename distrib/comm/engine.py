@@ -71,7 +71,6 @@ class Engine:
         self._name = name
         self._queue: queue.SimpleQueue[tuple[Callable[[], Any], Handle]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._ident = -1  # its thread's ident, once started
         self._pending = 0
         self._lock = threading.Lock()
         self._failed: BaseException | None = None
@@ -83,7 +82,7 @@ class Engine:
         return self._pending == 0
 
     def on_its_thread(self) -> bool:
-        return threading.get_ident() == self._ident
+        return threading.current_thread() is self._thread
 
     def run_here(self, job: Callable[[], Any], async_op: bool) -> Any:
         """Run `job` on the engine's own thread at once, from a callback of the job that just finished: queued, it
@@ -104,7 +103,6 @@ class Engine:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
                 self._thread.start()
-                self._ident = self._thread.ident
         self._queue.put((job, handle))
         return handle
 

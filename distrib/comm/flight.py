@@ -62,7 +62,7 @@ class Seen:
     closed: float
     current: str  # the description of call `entered`
     local: bool  # on this host (its pid means something here), else read through the mirror
-    gave_up: int  # number of the call that failed on it (verify.checked marks it), 0: none
+    gave_up: int  # number of the call that failed on it (verify.run marks it), 0: none
 
 
 class Board:

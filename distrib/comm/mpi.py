@@ -105,6 +105,11 @@ class MPICommunicator(Communicator):
         if requests and not done():
             self._until(done, what, lambda: [p for r, p in pending if not r.Test()], sleeps=False)  # Test progresses
 
+    def _wait_one(self, request: MPI.Request, what: str) -> None:
+        """wait_all for one native collective's request, without its lists: the small calls' hot path."""
+        if not request.Test():
+            self._until(request.Test, what, lambda: [-1], sleeps=False)  # Test progresses
+
     def _until(
         self, done: Callable[[], bool], what: str, missing: Callable[[], list[int]], sleeps: bool = True
     ) -> None:
@@ -135,9 +140,7 @@ class MPICommunicator(Communicator):
             self._native_allreduce(wide, op)
             flat.copy_(wide)
             return
-        done = self._comm.Iallreduce(MPI.IN_PLACE, _buffer(flat), _OPS[op]).Test
-        if not done():
-            self._until(done, "MPI allreduce", lambda: [-1], sleeps=False)
+        self._wait_one(self._comm.Iallreduce(MPI.IN_PLACE, _buffer(flat), _OPS[op]), "MPI allreduce")
 
     def _vote(self, kind: Any, t: torch.Tensor | None) -> int:
         """FITS where this rank's persistent allreduce for `kind` reads t's memory, NEW where it may make one, NO_PART
@@ -172,8 +175,7 @@ class MPICommunicator(Communicator):
             self._saved[kind] = flat.data_ptr(), self._comm.Allreduce_init(MPI.IN_PLACE, _buffer(flat), _OPS[op])
         request = self._saved[kind][1]
         request.Start()
-        if not request.Test():
-            self._until(request.Test, "MPI allreduce", lambda: [-1], sleeps=False)
+        self._wait_one(request, "MPI allreduce")
         return True
 
     def _native_reduce_scatter(self, flat: torch.Tensor, out: torch.Tensor, op: str) -> None:

@@ -172,17 +172,18 @@ class SharedMemory:
         """Every rank's buffer for the next piece, as `dtype` elements (the first `numel` of them: views kept for
         up to SHORT lengths, since slicing costs more than a small piece's copy); pieces take the buffers in turn."""
         self._pieces += 1
-        if numel is not None and (views := self._short.get((dtype, numel, self._pieces % BUFFERS))) is not None:
+        index = self._pieces % BUFFERS
+        if numel is not None and (views := self._short.get((dtype, numel, index))) is not None:
             return views
         typed = self._typed.get(dtype)
         if typed is None:
             rows = [b.view(BUFFERS, -1) for b in self._buffers]
             typed = self._typed[dtype] = [[row[i].view(dtype) for row in rows] for i in range(BUFFERS)]
-        views = typed[self._pieces % BUFFERS]
+        views = typed[index]
         if numel is not None:
             views = [v[:numel] for v in views]
             if len(self._short) < SHORT:
-                self._short[dtype, numel, self._pieces % BUFFERS] = views
+                self._short[dtype, numel, index] = views
         return views
 
     def _arrive(self, what: str) -> None:
