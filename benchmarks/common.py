@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from distrib.memory import wanted
+
 RESULTS = Path(__file__).parent / "results"
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
@@ -48,6 +50,7 @@ def machine() -> dict:
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "keep_freed_memory": wanted(),  # distrib.init()'s malloc setting (distrib/memory.py), for every row alike
     }
 
 

@@ -9,7 +9,9 @@ model each round, the order rotating) so background load hits all alike. A step'
 Where the time goes: "no communication" (the plain module) is the compute; step minus compute is the exposed
 communication; allreduce_ms is one allreduce of all the gradients alone (84 MB, 78 MB), the communication to hide.
 vs_plain is a step over the no-communication step; --runs N repeats everything and reports each ratio's median
-over the runs (each ratio taken within its run), the rows of the last run beside them.
+over the runs (each ratio taken within its run), the rows of the last run beside them. Every row runs in the same
+processes, after distrib.init(), so all share its malloc setting (distrib/memory.py; DISTRIB_KEEP_MEMORY=0 for
+glibc's own policy).
 """
 
 from __future__ import annotations

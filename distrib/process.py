@@ -8,6 +8,7 @@ Process-wide, because a process is one rank of one job:
 - `sys.excepthook`: an unhandled exception on any rank is reported once, naming the rank, and takes the whole job
   down (MPI_Abort under an MPI launcher; under torchrun the exit status makes its agent stop the other workers).
   torch.distributed wraps the hook when it starts a group, so ours is installed after it, each time.
+- malloc: freed host memory is kept for the next tensors (memory.py), unless DISTRIB_KEEP_MEMORY=0.
 - Environment: GLOO_SOCKET_IFNAME, when unset and gloo spans hosts, names the interface that reaches rank 0.
 """
 
@@ -29,6 +30,7 @@ from distrib.comm import CollectiveError, Communicator
 from distrib.comm.contract import check_timeout, env_timeout
 from distrib.device import choose
 from distrib.env import LaunchError, World, read_world
+from distrib.memory import keep_freed_memory
 
 BACKENDS = ("mpi", "gloo", "nccl", "local")
 CULPRIT_FIRST = 1.0  # seconds before ending a stuck rank, and after: torchrun looks every 0.1 s
@@ -77,6 +79,7 @@ def init(backend: str | None = None, *, timeout: float | None = None, algorithm:
             )
         return STATE.comm
     timeout = env_timeout() if timeout is None else timeout
+    keep_freed_memory()  # a training step's tensors reuse the last step's pages (memory.py)
     if backend is None:  # a script that started torch.distributed itself: distrib goes over the group it made
         from distrib.comm.torch_dist import started_group
 

@@ -21,6 +21,7 @@ from distrib.comm.contract import check_timeout, env_timeout
 from distrib.comm.verify import mode_from_env as verify_mode
 from distrib.device import DEVICES, PRECISIONS
 from distrib.env import LaunchError, read_world
+from distrib.memory import wanted as keep_memory
 from distrib.process import BACKENDS
 from distrib.steps import ON_NAN
 from distrib.tasks import corpus
@@ -202,6 +203,7 @@ def parse(argv: list[str] | None, description: str | None = None) -> tuple[argpa
         args = with_task.parse_args(argv)
     try:  # said here, as one line, rather than where the communicator starts
         verify_mode()
+        keep_memory()
         if args.timeout is None:
             env_timeout()
     except ValueError as error:
