@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 MPIEXEC = str(BIN / "mpiexec") if (BIN / "mpiexec").exists() else "mpiexec"
 TORCHRUN = str(BIN / "torchrun") if (BIN / "torchrun").exists() else "torchrun"
+ERROR = "python -m distrib.train: error: "  # how the CLI begins its one line about a bad input
 
 
 def launcher_command(launcher: str, n: int, args: list[str]) -> list[str]:

@@ -11,16 +11,16 @@ import pytest
 
 from distrib import train
 from distrib.memory import keep_freed_memory, wanted
-
-ERROR = "python -m distrib.train: error: "
+from tests.launching import ERROR
 
 # 40 MiB tensors made and freed in turn: above glibc's largest adaptive threshold (32 MiB), so by its own policy
 # each gets a mapping of its own, unmapped at free, and every one of its 10240 pages faults again the next time.
-ROUNDS = """
+TIMES = 10
+ROUNDS = f"""
 import resource, torch, distrib
 distrib.init()
 faults = []
-for _ in range(10):
+for _ in range({TIMES}):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t = torch.ones(10 << 20)
     del t
@@ -40,7 +40,7 @@ def faults(keep: str) -> int:
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc policy is the reference")
 def test_init_keeps_freed_tensors_pages_for_the_next_ones_and_0_leaves_malloc_alone():
     kept, alone = faults("1"), faults("0")
-    assert alone > 0.9 * 10 * PAGES, alone  # glibc's own policy: every round faults its tensor in afresh
+    assert alone > 0.9 * TIMES * PAGES, alone  # glibc's own policy: every round faults its tensor in afresh
     assert kept < 3.1 * PAGES, kept  # kept: after the heap has grown (once or twice), the rounds reuse its pages
 
 

@@ -17,10 +17,9 @@ from distrib import train
 from distrib.comm.contract import MAX_TIMEOUT, check_timeout, env_timeout
 from distrib.comm.local import LocalCommunicator
 from distrib.comm.torch_dist import TorchCommunicator
-from tests.launching import run_ranks
+from tests.launching import ERROR, run_ranks
 
 BAD = ["nan", "inf", "-inf", "-1", "0", "abc", "", str(MAX_TIMEOUT * 10)]
-ERROR = "python -m distrib.train: error: "
 REFUSED = "is not a deadline: give a finite number of seconds above 0 and at most 1e+06 (default 300)"
 
 
