@@ -178,6 +178,8 @@ def test_bad_modules_and_communicators(comm):
     sparse = nn.Sequential(nn.Linear(2, 2), nn.Embedding(10, 2, sparse=True))
     with pytest.raises(ValueError, match="'1' makes sparse gradients, which distrib's flat buckets cannot hold"):
         DistributedDataParallel(sparse, comm=comm)
+    with pytest.raises(ValueError, match="the wrapped EmbeddingBag makes sparse gradients"):
+        DistributedDataParallel(nn.EmbeddingBag(10, 2, sparse=True), comm=comm)
     mixed = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2, device="meta"))
     with pytest.raises(ValueError, match="input module must be on the same type of devices"):
         DistributedDataParallel(mixed, comm=comm)

@@ -87,12 +87,12 @@ def check_module(ddp: Any, module: nn.Module, params: Sequence[torch.Tensor]) ->
         )
     if ddp.device_type == "cpu" and any(isinstance(m, nn.SyncBatchNorm) for m in module.modules()):
         ddp._throw(ValueError, "SyncBatchNorm layers only work with GPU modules")
-    sparse = [name for name, m in module.named_modules() if isinstance(m, _SPARSE) and m.sparse]
+    sparse = [(name, m) for name, m in module.named_modules() if isinstance(m, _SPARSE) and m.sparse]
     if sparse:
-        ddp._throw(
-            ValueError,
-            f"{sparse[0]!r} makes sparse gradients, which distrib's flat buckets cannot hold; use sparse=False",
-        )
+        name, m = sparse[0]
+        what = repr(name) if name else f"the wrapped {type(m).__name__}"  # the module itself has no name
+        message = f"{what} makes sparse gradients, which distrib's flat buckets cannot hold; use sparse=False"
+        ddp._throw(ValueError, message)
 
 
 def to_device(obj: Any, device: torch.device) -> Any:

@@ -6,6 +6,7 @@ test/distributed/test_c10d_common.py and test_c10d_gloo.py; the code is ours.)
 """
 
 import copy
+import dataclasses
 import io
 import os
 import pickle
@@ -784,5 +785,140 @@ def test_gradients_as_bucket_views(comm):
         except RuntimeError as error:
             detached = type(error).__name__
         return [is_view, still, detached]
+
+    parity(scenario)
+
+
+# Outputs, inputs and modules of every kind (torch's test_dataclass_output, test_ddp_new_tensor_in_fwd,
+# test_ddp_forward_backward_hook, test_stateless_api_with_ddp, test_ignored_output, test_ddp_inference,
+# test_ddp_zero_output_features, test_gloo_backend_cpu_module).
+
+
+@dataclasses.dataclass
+class Outputs:
+    first: torch.Tensor | None
+    rest: dict
+
+
+def test_dataclass_outputs_with_a_member_left_out(comm):
+    class Parts(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.second = nn.Linear(3, 3), nn.Linear(3, 3)
+
+        def forward(self, x, with_first: bool):
+            return Outputs(self.first(x) if with_first else None, {"second": self.second(x)})
+
+    def scenario(ddp):
+        model, seen = ddp(Parts(), find_unused_parameters=True), []
+        for with_first in (True, False, True):
+            out = model(torch.randn(2, 3) + rank(), with_first)
+            (out.rest["second"].sum() + (out.first.sum() if out.first is not None else 0)).backward()
+            seen.append(grads(model))
+            model.zero_grad(set_to_none=True)
+        return seen
+
+    parity(scenario)
+
+
+def test_tensors_made_in_forward_come_out_without_history(comm):
+    class Makes(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.lin(x), {"made": torch.ones(2)}, [torch.zeros(1)]
+
+    def scenario(ddp):
+        model = ddp(Makes(), broadcast_buffers=False)
+        out, made, listed = model(torch.randn(2, 3) + rank())
+        out.sum().backward()
+        return [made["made"].grad_fn is None, listed[0].grad_fn is None, *grads(model)]
+
+    parity(scenario)
+
+
+def test_tiny_buckets_and_gradients_set_to_none_between_steps(comm):
+    def scenario(ddp):
+        model = ddp(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), bucket_cap_mb=0.001)
+        for _ in range(3):
+            F.mse_loss(model(torch.randn(4, 4) + rank()), torch.randn(4, 2)).backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.1 * p.grad
+                    p.grad = None
+        return [len(list(model.parameters())), *weights(model)]
+
+    parity(scenario)
+
+
+def test_module_hooks_set_before_wrapping(comm):
+    def scenario(ddp):
+        net = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+        net[0].register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+        net[0].register_forward_hook(lambda module, args, out: out + 1)
+        net[1].register_full_backward_hook(lambda module, grad_in, grad_out: (grad_in[0] * 3,))
+        model = ddp(net)
+        out = model(torch.randn(2, 3) + rank())
+        out.sum().backward()
+        return [out.detach(), *grads(model)]
+
+    parity(scenario)
+
+
+def test_functional_call_uses_the_given_tensors(comm):
+    def scenario(ddp):
+        model = ddp(nn.Linear(3, 3))
+        before = weights(model)
+        given = {
+            "module.weight": torch.randn(3, 3, requires_grad=True),
+            "module.bias": torch.randn(3, requires_grad=True),
+        }
+        out = torch.func.functional_call(model, given, (torch.ones(2, 3) + rank(),))
+        out.sum().backward()
+        return [out.detach(), *(t.grad for t in given.values()), *grads(model), *before, *weights(model)]
+
+    parity(scenario)
+
+
+@pytest.mark.parametrize("find_unused", [False, True])
+def test_forwards_whose_outputs_are_dropped_then_training(comm, find_unused):
+    def scenario(ddp):
+        model = ddp(nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3)), find_unused_parameters=find_unused)
+        for _ in range(4):
+            model(torch.randn(2, 3))  # no backward
+        return train(model, 2, lambda step: (torch.randn(2, 3) + rank(),))
+
+    parity(scenario)
+
+
+def test_inference_on_one_rank_only(comm):
+    def scenario(ddp):
+        model = ddp(nn.Linear(3, 3)).eval()
+        out = []
+        if rank() == 0:
+            with torch.no_grad():
+                out = [model(torch.ones(1, 3)) for _ in range(3)]
+        dist.barrier()
+        return out
+
+    parity(scenario)
+
+
+def test_a_parameter_with_no_elements(comm):
+    class WithEmpty(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.empty, self.full = nn.Linear(10, 0), nn.Linear(10, 3)
+
+        def forward(self, x):
+            return self.full(x).sum() + self.empty(x).sum()
+
+    def scenario(ddp):
+        model = ddp(WithEmpty())
+        for _ in range(2):
+            model(torch.randn(4, 10) + rank()).backward()
+        return grads(model)
 
     parity(scenario)
