@@ -151,8 +151,9 @@ def test_a_stopped_rank_is_named_by_every_survivor(launcher, backend, algorithm)
     assert elapsed < 45, f"{elapsed:.0f} s for a 3 s timeout"
     found = reports(text)
     assert set(found) == {0, 1}, text[-4000:]
-    for rank, report in found.items():
-        assert f"rank {rank} waited 3 s for rank(s) [2]: rank 2 is stopped (pid " in report, report
+    for rank, report in found.items():  # a survivor cut off by the other's exit stops waiting before its deadline
+        named = rf"rank {rank} (waited 3 s|stops waiting) for rank\(s\) \[2\]: rank 2 is stopped \(pid "
+        assert re.search(named, report), report
         assert "in call #6" in report and "bucket 3" in report and "DISTRIB_TIMEOUT" not in report, report
     first = next(line for line in text.splitlines() if line.startswith("distrib: "))
     assert first.startswith("distrib: rank(s) [2] of 3 stopped the job"), text[-3000:]

@@ -39,6 +39,7 @@ def report(comm: Any, what: str, missing: list[int], gone: bool = False) -> Coll
     plain = comm._plain_timeout(what, missing)
     if board is None:
         return plain
+    board.give_up(comm._seq)  # first: a peer this rank's exit cuts off then reads a fellow waiter, not a culprit
     if board.mirror is not None:
         board.refresh()  # the ranks of other hosts, as they last published themselves
     me, seq, now = comm.rank, comm._seq, time.time()

@@ -20,11 +20,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from distrib.comm import stuck
 from distrib.comm.base import Communicator
 from distrib.comm.contract import CollectiveError
 from distrib.comm.transport import Pending, Request
 
 _RELEASE_GRACE = 0.1  # seconds, at close: see TorchCommunicator.close
+_GAVE_UP_GRACE = 1.0  # seconds a rank that lost a peer looks on the board for a fellow waiter that gave up first
 # Linux's ioctl(SIOCGIFADDR): a struct ifreq in, the name (at most IFNAMSIZ - 1 bytes) first; out, the address as
 # a struct sockaddr_in at byte 16, whose IPv4 address sits 4 bytes in.
 _SIOCGIFADDR, _IFNAMSIZ, _IFREQ_ADDRESS = 0x8915, 16, slice(20, 24)
@@ -118,7 +120,24 @@ class TorchCommunicator(Communicator):
                     missing = [p for w, p in pending if not w.is_completed()] or [peer]
                     raise self._timeout(f"{what} ({self.backend}: {text})", missing) from error
                 who = "another rank" if peer < 0 else f"rank {peer}"
-                raise CollectiveError(f"{what}: rank {self.rank} lost {who} ({self.backend}: {text})") from error
+                lost = f"{what}: rank {self.rank} lost {who} ({self.backend}: {text})"
+                if self._fellow_gave_up(min(_GAVE_UP_GRACE, max(deadline - time.monotonic(), 0.0))):
+                    found = stuck.report(self, lost, [peer], gone=True)
+                    if found.culprits:  # the ranks everyone waited for, not the fellow whose exit cut us off
+                        raise found from error
+                raise CollectiveError(lost) from error
+
+    def _fellow_gave_up(self, wait: float) -> bool:
+        """Whether a peer on this host gave up in this call: its own wait failed first and its exit closed our
+        connections. Looks for up to `wait` seconds, since the connection may close before the peer says so."""
+        board, end = self._board, time.monotonic() + wait
+        if board is None:
+            return False
+        while not any((seen := board.seen(r)) is not None and seen.gave_up == self._seq for r in board.peers):
+            if time.monotonic() >= end:
+                return False
+            time.sleep(_GAVE_UP_GRACE / 100)
+        return True
 
     def _wait(self, work: Request, what: str) -> None:
         self.wait_all([(work, -1)], f"{self.backend} {what}")
