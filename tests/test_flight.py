@@ -144,3 +144,47 @@ def test_a_peer_that_does_not_answer_and_one_that_only_waits(boards):
     one._me[flight.HEARTBEAT] = time.time_ns() - int(10e9)
     text = str(stuck.report(comm_of(zero, 1), "MPI allreduce", [-1]))
     assert "rank 1 entered call #1 but has not answered for 10" in text and "stuck outside Python" in text
+
+
+def test_a_rank_cut_off_by_a_fellow_waiters_exit_names_the_rank_both_waited_for():
+    """Rank 1 loses its connection to rank 0, whose own wait for the stopped rank 2 failed first: it reports rank 2,
+    not rank 0; where no peer gave up (a peer that died, a cut link), it says which peer it lost, without waiting
+    past its deadline."""
+    from distrib.comm.torch_dist import TorchCommunicator
+
+    slots = [mmap.mmap(-1, flight.SLOT_BYTES) for _ in range(3)]
+    zero, one, two = (Board(r, slots, whole=True) for r in range(3))
+    proc = child(stopped=True)
+    try:
+        for board, pid in ((zero, os.getpid()), (one, os.getpid()), (two, proc.pid)):
+            board._me[flight.PID] = pid
+            call(board, 1, 10, {"bucket": 3})
+
+        class Closed:
+            def wait(self, timeout):
+                raise RuntimeError("[pair.cc:553] Connection closed by peer [127.0.0.1]:7075")
+
+            def is_completed(self):
+                return False
+
+        plain = CollectiveTimeout("plain")
+        comm = SimpleNamespace(rank=1, size=3, timeout=0.3, backend="gloo", _board=one, _seq=1)
+        comm._plain_timeout = lambda *_: plain
+        comm._fellow_gave_up = TorchCommunicator._fellow_gave_up.__get__(comm)
+        start = time.monotonic()
+        with pytest.raises(CollectiveError) as lost:
+            TorchCommunicator.wait_all(comm, [(Closed(), 0)], "ring step 2/2")
+        assert "ring step 2/2: rank 1 lost rank 0 (gloo: [pair.cc:553] Connection closed" in str(lost.value)
+        assert lost.value.culprits == () and time.monotonic() - start < 1.0  # looked until its deadline only
+        zero.give_up(1)
+        with pytest.raises(CollectiveError) as named:
+            TorchCommunicator.wait_all(comm, [(Closed(), 0)], "ring step 2/2")
+        text = str(named.value)
+        assert named.value.culprits == (2,) and named.value.stuck_pids == (proc.pid,)
+        assert f"(call #1): rank 1 stops waiting for rank(s) [2]: rank 2 is stopped (pid {proc.pid}" in text
+        assert "rank 0 gave up" not in text.splitlines()[0] and "DISTRIB_TIMEOUT" not in text
+    finally:
+        proc.kill()
+        proc.wait()
+        for board in (zero, one, two):
+            board.close()
