@@ -170,7 +170,6 @@ def test_a_rank_cut_off_by_a_fellow_waiters_exit_names_the_rank_both_waited_for(
         plain = CollectiveTimeout("plain")
         comm = SimpleNamespace(rank=1, size=3, timeout=0.3, backend="gloo", _board=one, _seq=1)
         comm._plain_timeout = lambda *_: plain
-        comm._fellow_gave_up = TorchCommunicator._fellow_gave_up.__get__(comm)
         start = time.monotonic()
         with pytest.raises(CollectiveError) as lost:
             TorchCommunicator.wait_all(comm, [(Closed(), 0)], "ring step 2/2")

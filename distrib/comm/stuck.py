@@ -81,6 +81,11 @@ def departed(board: Board, seq: int) -> bool:
     return False
 
 
+def gave_up(board: Board, seq: int) -> bool:
+    """Whether a rank on this host gave up in collective `seq`: its own wait failed, and it is ending."""
+    return any((seen := board.seen(r)) is not None and seen.gave_up == seq for r in board.peers)
+
+
 def _verdict(s: Seen, seq: int, fp: int | None, mine: int | None, theirs: str, now: float) -> tuple[str, str]:
     """(kind, what to say) about a peer, as seen by a rank waiting in collective `seq`."""
     after = f"after call #{s.done}" if s.done else "before its first call"

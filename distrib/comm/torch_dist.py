@@ -15,6 +15,7 @@ import struct
 import time
 from collections.abc import Sequence
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ import torch.distributed as dist
 
 from distrib.comm import stuck
 from distrib.comm.base import Communicator
-from distrib.comm.contract import CollectiveError
+from distrib.comm.contract import CollectiveError, poll
 from distrib.comm.transport import Pending, Request
 
 _RELEASE_GRACE = 0.1  # seconds, at close: see TorchCommunicator.close
@@ -121,23 +122,14 @@ class TorchCommunicator(Communicator):
                     raise self._timeout(f"{what} ({self.backend}: {text})", missing) from error
                 who = "another rank" if peer < 0 else f"rank {peer}"
                 lost = f"{what}: rank {self.rank} lost {who} ({self.backend}: {text})"
-                if self._fellow_gave_up(min(_GAVE_UP_GRACE, max(deadline - time.monotonic(), 0.0))):
+                # A peer whose own wait failed first may have cut us off by ending; it can say so a moment after
+                # the connection closes. Then the board names the ranks everyone waited for, not that fellow.
+                board, wait = self._board, min(_GAVE_UP_GRACE, max(deadline - time.monotonic(), 0.0))
+                if board is not None and poll(partial(stuck.gave_up, board, self._seq), wait, False):
                     found = stuck.report(self, lost, [peer], gone=True)
-                    if found.culprits:  # the ranks everyone waited for, not the fellow whose exit cut us off
+                    if found.culprits:
                         raise found from error
                 raise CollectiveError(lost) from error
-
-    def _fellow_gave_up(self, wait: float) -> bool:
-        """Whether a peer on this host gave up in this call: its own wait failed first and its exit closed our
-        connections. Looks for up to `wait` seconds, since the connection may close before the peer says so."""
-        board, end = self._board, time.monotonic() + wait
-        if board is None:
-            return False
-        while not any((seen := board.seen(r)) is not None and seen.gave_up == self._seq for r in board.peers):
-            if time.monotonic() >= end:
-                return False
-            time.sleep(_GAVE_UP_GRACE / 100)
-        return True
 
     def _wait(self, work: Request, what: str) -> None:
         self.wait_all([(work, -1)], f"{self.backend} {what}")
