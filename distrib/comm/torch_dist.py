@@ -27,7 +27,9 @@ from distrib.comm.contract import CollectiveError, poll
 from distrib.comm.transport import Pending, Request
 
 _RELEASE_GRACE = 0.1  # seconds, at close: see TorchCommunicator.close
-_GAVE_UP_GRACE = 1.0  # seconds a rank that lost a peer looks on the board for a fellow waiter that gave up first
+# Seconds a rank that lost a peer looks on the board for a fellow waiter that gave up first: counted from the loss,
+# not capped by this rank's own deadline, which passes at about the moment the fellow's does and cuts it off.
+_GAVE_UP_GRACE = 1.0
 # Linux's ioctl(SIOCGIFADDR): a struct ifreq in, the name (at most IFNAMSIZ - 1 bytes) first; out, the address as
 # a struct sockaddr_in at byte 16, whose IPv4 address sits 4 bytes in.
 _SIOCGIFADDR, _IFNAMSIZ, _IFREQ_ADDRESS = 0x8915, 16, slice(20, 24)
@@ -124,8 +126,8 @@ class TorchCommunicator(Communicator):
                 lost = f"{what}: rank {self.rank} lost {who} ({self.backend}: {text})"
                 # A peer whose own wait failed first may have cut us off by ending; it can say so a moment after
                 # the connection closes. Then the board names the ranks everyone waited for, not that fellow.
-                board, wait = self._board, min(_GAVE_UP_GRACE, max(deadline - time.monotonic(), 0.0))
-                if board is not None and poll(partial(stuck.gave_up, board, self._seq), wait, False):
+                board = self._board
+                if board is not None and poll(partial(stuck.gave_up, board, self._seq), _GAVE_UP_GRACE, False):
                     found = stuck.report(self, lost, [peer], gone=True)
                     if found.culprits:
                         raise found from error
