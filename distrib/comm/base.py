@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from distrib.comm import stuck, verify
+from distrib.comm import sparse, stuck, verify
 from distrib.comm.algorithms import ALGORITHMS, TABLE
 from distrib.comm.contract import CollectiveTimeout, check_timeout, env_timeout
 from distrib.comm.engine import Engine, Handle, observed
@@ -82,11 +82,14 @@ class Communicator(Transport):
         *,
         label: Mapping[str, Any] | None = None,
     ) -> torch.Tensor | Handle:
-        """Reduce `t` over all ranks, in place; returns `t` (or a handle whose wait() returns it).
+        """Reduce `t` over all ranks, in place; returns `t` (or a handle whose wait() returns it). A sparse COO `t`
+        is summed (or averaged) as torch's gloo does, whatever the algorithm.
 
         `label` (of this and the other tensor collectives) adds fields to what the observer sees, such as a trace
         span's {"bucket": 3}.
         """
+        if isinstance(t, torch.Tensor) and t.is_sparse:  # a sparse gradient: gathered and summed (sparse.py)
+            return sparse.allreduce(self, t, op, async_op)
         kind = kind_of(self, "allreduce", t, op, algorithm or self.algorithm, label)
 
         def job() -> torch.Tensor:
@@ -243,18 +246,29 @@ class Communicator(Transport):
         engine, checked = self._engine, self.size > 1
         if self.observer is not None or async_op or not engine.idle:
             if checked:
-                job, checked = partial(verify.run, self, kind, t, job), False
+                job = partial(verify.run, self, kind, t, job)
             if self.observer is not None:
                 job = observed(job, self.observer, kind.name, kind.info)
-            if engine.on_its_thread():  # called back by a finished collective (a hook's future): run it now,
-                return engine.run_here(job, async_op)  # in the same place of the order on every rank
-            if async_op:
-                return engine.submit(job)
-            if not engine.idle:
-                return engine.submit(job).wait()  # queued behind earlier async work, to keep the order
+            return self._compose(job, async_op)
         start = time.perf_counter_ns()  # nothing queued: run on the caller's thread, no hand-off cost
         try:
             return verify.run(self, kind, t, job) if checked else job()
+        finally:
+            engine.blocked_ns += time.perf_counter_ns() - start
+
+    def _compose(self, job: Callable[[], Any], async_op: bool) -> Any:
+        """Run `job` at its place in this rank's order of collectives: a collective's checked body, or a collective
+        made of others (sparse.allreduce), which are each checked and recorded themselves."""
+        engine = self._engine
+        if engine.on_its_thread():  # called back by a finished collective (a hook's future): run it now,
+            return engine.run_here(job, async_op)  # in the same place of the order on every rank
+        if async_op:
+            return engine.submit(job)
+        if not engine.idle:
+            return engine.submit(job).wait()  # queued behind earlier async work, to keep the order
+        start = time.perf_counter_ns()
+        try:
+            return job()
         finally:
             engine.blocked_ns += time.perf_counter_ns() - start
 

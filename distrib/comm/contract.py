@@ -136,6 +136,8 @@ def check_tensor(t: Any, op: str) -> None:
     """Raise a clear error unless `t` is a tensor of a supported dtype and `op` a supported reduction of it."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"collectives take a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"collectives take dense tensors (allreduce sparse ones too), got {t.layout}; call .to_dense()")
     if t.dtype not in DTYPES:
         names = ", ".join(str(d).removeprefix("torch.") for d in DTYPES)
         raise TypeError(f"dtype {t.dtype} is not supported; use one of {names}")

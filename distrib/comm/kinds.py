@@ -49,7 +49,7 @@ def kind_of(
     elif not isinstance(t, torch.Tensor):
         raise TypeError(f"collectives take a torch.Tensor, got {type(t).__name__}")
     else:
-        key = (name, t.dtype, t.shape, op, algorithm, tuple(label.items()) if label else None)
+        key = (name, t.dtype, t.shape, t.layout, op, algorithm, tuple(label.items()) if label else None)
     kinds = comm._kinds
     kind = kinds.get(key)
     if kind is None:

@@ -413,6 +413,52 @@ def test_calls_that_differ_fail_on_every_rank_and_the_next_call_works(comm, algo
     assert t.tolist() == [n * (n - 1) / 2] * 7
 
 
+def rank_sparse(rank: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """Rank `rank`'s sparse COO input: rank + 1 rows of `shape` (some repeated, uncoalesced), none for rank 1."""
+    gen = torch.Generator().manual_seed(rank)
+    rows = 0 if rank == 1 else rank + 1
+    indices = torch.randint(0, shape[0], (1, rows), generator=gen)
+    values = (torch.randn(rows, *shape[1:], generator=gen, dtype=torch.float64) * 4).to(dtype)
+    return torch.sparse_coo_tensor(indices, values, shape, check_invariants=False)
+
+
+@pytest.mark.parametrize("op", ["sum", "avg"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64], ids=str)
+@pytest.mark.parametrize("shape", [(7,), (7, 3), (5, 2, 2)], ids=str)
+def test_allreduce_of_a_sparse_tensor(comm, op, dtype, shape):
+    """A sparse COO tensor (an nn.Embedding's gradient) is summed in place as torch's gloo does: every rank ends with
+    the same coalesced tensor, the numpy sum of every rank's dense form; asynchronously too."""
+    if op == "avg" and not dtype.is_floating_point:
+        pytest.skip("avg is for floating point")
+    dense = np.stack([rank_sparse(r, shape, dtype).to_dense().double().numpy() for r in range(comm.size)])
+    expected = dense.sum(0) / (comm.size if op == "avg" else 1)
+    t = rank_sparse(comm.rank, shape, dtype)
+    assert comm.allreduce(t, op) is t and t.is_sparse and t.is_coalesced()
+    assert_matches(t.to_dense(), expected, dtype, comm.size)
+    handle = comm.allreduce(rank_sparse(comm.rank, shape, dtype), op, async_op=True)
+    assert_matches(handle.wait().to_dense(), expected, dtype, comm.size)
+    everyone = comm.allgather_object((t.indices().tolist(), t.values().double().sum().item()))
+    assert all(seen == everyone[0] for seen in everyone), everyone
+
+
+def test_bad_sparse_tensors_fail_clearly_on_every_rank(comm):
+    """A sparse tensor's other ops and collectives are refused before anything moves; shapes that differ across
+    ranks fail on every rank, naming each rank's, and the communicator still works."""
+    t = rank_sparse(comm.rank, (7, 3), torch.float32)
+    with pytest.raises(ValueError, match="the allreduce of a sparse tensor takes op 'sum' or 'avg', got 'max'"):
+        comm.allreduce(t, "max")
+    for call in (comm.broadcast, comm.allgather, comm.reduce_scatter):
+        with pytest.raises(TypeError, match="collectives take dense tensors .* got torch.sparse_coo; call .to_dense"):
+            call(t)
+    odd = rank_sparse(comm.rank, (8 if comm.rank == comm.size - 1 else 7, 3), torch.float32)
+    if comm.size > 1:
+        with pytest.raises(ValueError, match=r"every rank's tensor needs the same shape .* rank 0: \(7, 3\)"):
+            comm.allreduce(odd)
+    total = torch.ones(4)
+    comm.allreduce(total)
+    assert total.tolist() == [comm.size] * 4
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("op", ["sum", "max", "avg"])
 def test_shm_reduces_shared_regions_where_they_lie(comm, dtype, op):
