@@ -35,15 +35,35 @@ def mlp() -> nn.Sequential:
         ([10, 10, 10, 10], "ffff", [40, 80]),
         ([50, 25, 50, 25, 50, 25], "fdfdfd", [200, 400]),
         ([256 * 256, 256, 256 * 256, 256], "ffff", [UNLIMITED]),
+        ([100, 200, 100, 50, 10], "fSffS", [400]),  # S: a parameter with a sparse gradient (an embedding's)
+        ([10, 10, 10, 10], "SffS", [UNLIMITED]),
     ],
 )
 def test_bucket_assignment_is_torchs(sizes, dtypes, limits):
-    """The same buckets as torch's own assignment (its C++ _compute_bucket_assignment_by_size) on the same tensors."""
-    kinds = {"f": torch.float32, "d": torch.float64}
+    """The same buckets as torch's own assignment (its C++ _compute_bucket_assignment_by_size) on the same tensors;
+    a sparse gradient alone in its bucket."""
+    kinds = {"f": torch.float32, "d": torch.float64, "S": torch.float32}
     params = [torch.empty(n, dtype=kinds[d]) for n, d in zip(sizes, dtypes)]
-    expected, _ = torch.distributed._compute_bucket_assignment_by_size(params, limits)
-    assert sorted(assign(params, range(len(params)), limits), key=min) == expected
-    assert initial_layout(params, limits) == expected[::-1]  # reversed: the last layers' bucket goes first
+    sparse = [d == "S" for d in dtypes]
+    expected, _ = torch.distributed._compute_bucket_assignment_by_size(params, limits, sparse)
+    assert sorted(assign(params, range(len(params)), limits, sparse), key=min) == expected
+    assert initial_layout(params, limits, sparse) == expected[::-1]  # reversed: the last layers' bucket goes first
+
+
+@pytest.mark.parametrize("as_view", [False, True], ids=["copy", "view"])
+def test_world_of_one_gives_the_plain_module_sparse_gradients(comm, as_view):
+    """An embedding's sparse gradient stays sparse, in a bucket of its own, and equals the plain module's."""
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 2))
+    ddp = DistributedDataParallel(copy.deepcopy(reference), comm=comm, gradient_as_bucket_view=as_view)
+    assert [b.indices for b in ddp.reducer.buckets] == [[1, 2], [0]]  # reversed model order, as torch's
+    for step in range(3):
+        x = torch.randint(0, 10, (6,))
+        ddp(x).sum().backward()
+        reference(x).sum().backward()
+        got, want = ddp.module[0].weight.grad, reference[0].weight.grad
+        assert got.is_sparse and torch.equal(got.to_dense(), want.to_dense()), step
+        assert torch.equal(ddp.module[1].weight.grad, reference[1].weight.grad)
 
 
 @pytest.mark.parametrize("as_view", [False, True], ids=["copy", "view"])
@@ -175,11 +195,6 @@ def test_bad_modules_and_communicators(comm):
     frozen = mlp().requires_grad_(False)
     with pytest.raises(RuntimeError, match="DistributedDataParallel is not needed when a module doesn't have any"):
         DistributedDataParallel(frozen, comm=comm)
-    sparse = nn.Sequential(nn.Linear(2, 2), nn.Embedding(10, 2, sparse=True))
-    with pytest.raises(ValueError, match="'1' makes sparse gradients, which distrib's flat buckets cannot hold"):
-        DistributedDataParallel(sparse, comm=comm)
-    with pytest.raises(ValueError, match="the wrapped EmbeddingBag makes sparse gradients"):
-        DistributedDataParallel(nn.EmbeddingBag(10, 2, sparse=True), comm=comm)
     mixed = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2, device="meta"))
     with pytest.raises(ValueError, match="input module must be on the same type of devices"):
         DistributedDataParallel(mixed, comm=comm)

@@ -12,8 +12,6 @@ from torch import nn
 from distrib.comm import Communicator
 from distrib.process import init
 
-_SPARSE = (nn.Embedding, nn.EmbeddingBag)  # the modules whose gradients can be sparse
-
 
 def communicator(comm: Communicator | None, process_group: Any) -> Communicator:
     if comm is not None and process_group is not None:
@@ -87,12 +85,6 @@ def check_module(ddp: Any, module: nn.Module, params: Sequence[torch.Tensor]) ->
         )
     if ddp.device_type == "cpu" and any(isinstance(m, nn.SyncBatchNorm) for m in module.modules()):
         ddp._throw(ValueError, "SyncBatchNorm layers only work with GPU modules")
-    sparse = [(name, m) for name, m in module.named_modules() if isinstance(m, _SPARSE) and m.sparse]
-    if sparse:
-        name, m = sparse[0]
-        what = repr(name) if name else f"the wrapped {type(m).__name__}"  # the module itself has no name
-        message = f"{what} makes sparse gradients, which distrib's flat buckets cannot hold; use sparse=False"
-        ddp._throw(ValueError, message)
 
 
 def to_device(obj: Any, device: torch.device) -> Any:

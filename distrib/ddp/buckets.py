@@ -1,5 +1,5 @@
 """Flat gradient buckets: which parameters share a buffer (torch's assignment rule), the buffer with a view per
-parameter, and the GradBucket a comm hook receives.
+parameter, a sparse gradient's bucket of its own, and the GradBucket a comm hook receives.
 
 torch's DDP assigns buckets twice: at construction over the parameters in model order (one bucket of each dtype
 and device unless unused parameters are searched for), the list reversed so the last layers go first; and once
@@ -19,15 +19,21 @@ DEFAULT_CAP_MB = 25  # torch's default bucket_cap_mb
 UNLIMITED = 1 << 62  # "sys.maxsize": one bucket of each dtype and device
 
 
-def assign(params: Sequence[torch.Tensor], order: Sequence[int], limits: Sequence[int]) -> list[list[int]]:
+def assign(
+    params: Sequence[torch.Tensor], order: Sequence[int], limits: Sequence[int], sparse: Sequence[bool]
+) -> list[list[int]]:
     """Indices of `params` grouped into buckets, taken in `order` (torch's _compute_bucket_assignment_by_size).
 
-    One dtype and device per bucket; a bucket closes once it holds at least its limit (limits[k] for the k-th
-    bucket of its kind, the last limit repeating). Closed buckets come in the order they closed, then the open ones.
+    A parameter with a sparse gradient is a bucket of its own. Else one dtype and device per bucket; a bucket closes
+    once it holds at least its limit (limits[k] for the k-th bucket of its kind, the last limit repeating). Closed
+    buckets come in the order they closed, then the open ones.
     """
     buckets: list[list[int]] = []
     filling: dict[tuple, tuple[list[int], int, int]] = {}  # kind -> (indices, bytes, buckets of it closed)
     for i in order:
+        if sparse[i]:
+            buckets.append([i])
+            continue
         p = params[i]
         kind = (p.dtype, p.device)
         indices, size, closed = filling.get(kind, ([], 0, 0))
@@ -42,9 +48,9 @@ def assign(params: Sequence[torch.Tensor], order: Sequence[int], limits: Sequenc
     return buckets
 
 
-def initial_layout(params: Sequence[torch.Tensor], limits: Sequence[int]) -> list[list[int]]:
+def initial_layout(params: Sequence[torch.Tensor], limits: Sequence[int], sparse: Sequence[bool]) -> list[list[int]]:
     """The construction-time buckets: model order, sorted by their first parameter, then reversed (torch's)."""
-    return sorted(assign(params, range(len(params)), limits), key=min)[::-1]
+    return sorted(assign(params, range(len(params)), limits, sparse), key=min)[::-1]
 
 
 Zeros = Callable[[int, torch.dtype, torch.device], torch.Tensor]  # a bucket's memory: numel, dtype, device
@@ -143,6 +149,46 @@ class Bucket:
         return GradBucket(self)
 
 
+class SparseBucket:
+    """One parameter whose gradient is sparse (nn.Embedding(sparse=True)), as torch keeps it: no flat buffer, the
+    gradient itself divided and reduced in place (comm/sparse.py), so `.grad` holds the average."""
+
+    def __init__(
+        self, params: Sequence[torch.Tensor], indices: list[int], index: int, last: bool, zeros: Zeros = torch_zeros
+    ) -> None:
+        self.indices, self.index, self.last = indices, index, last
+        self.params = [params[indices[0]]]
+        self.offsets: list[int] = []  # no views: a hook's GradBucket.gradients() is empty, as torch's
+        self.views: dict[int, torch.Tensor] = {}
+        p = self.params[0]  # until a gradient comes, no rows (what a joined rank's shadow backward reduces)
+        rows = torch.empty(0, *p.shape[1:], dtype=p.dtype, device=p.device)
+        no = torch.empty(1, 0, dtype=torch.int64, device=p.device)
+        self.flat = torch.sparse_coo_tensor(no, rows, p.shape, check_invariants=False)
+        self.pending = 1
+        self.work = None
+
+    def _view(self, flat: torch.Tensor, k: int) -> torch.Tensor:
+        return flat
+
+    def held_elsewhere(self) -> bool:
+        return False
+
+    def take(self, i: int, divide: int | None, as_view: bool) -> None:
+        """The parameter's gradient as the bucket, divided in place by `divide` (None: left for a comm hook)."""
+        grad = self.params[0].grad
+        if grad is None:
+            raise RuntimeError("Expected sparse gradient to be defined.")
+        if not grad.is_sparse:
+            raise RuntimeError("Expected variable to have sparse gradient.")
+        if divide is not None:
+            grad.div_(divide)
+        self.flat = grad
+
+    def hand_out(self, i: int, result: torch.Tensor, as_view: bool) -> None:
+        if result is not self.flat:  # a comm hook's result
+            self.flat.copy_(result)
+
+
 class GradBucket:
     """What a comm hook receives: torch.distributed.GradBucket's interface over one bucket.
 
@@ -150,7 +196,7 @@ class GradBucket:
     gradients() are views of the current buffer, shaped like the parameters.
     """
 
-    def __init__(self, bucket: Bucket) -> None:
+    def __init__(self, bucket: Bucket | SparseBucket) -> None:
         self._bucket, self._buffer = bucket, bucket.flat
 
     def index(self) -> int:
@@ -166,7 +212,7 @@ class GradBucket:
         self._buffer = buffer
 
     def gradients(self) -> list[torch.Tensor]:
-        return [self._bucket._view(self._buffer, k) for k in range(len(self._bucket.params))]
+        return [self._bucket._view(self._buffer, k) for k in range(len(self._bucket.offsets))]
 
     def parameters(self) -> list[torch.Tensor]:
         return list(self._bucket.params)

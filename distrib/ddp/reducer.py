@@ -18,7 +18,16 @@ import torch
 
 from distrib.comm import Communicator
 from distrib.ddp import messages
-from distrib.ddp.buckets import UNLIMITED, Bucket, GradBucket, aliases, assign, initial_layout, torch_zeros
+from distrib.ddp.buckets import (
+    UNLIMITED,
+    Bucket,
+    GradBucket,
+    SparseBucket,
+    aliases,
+    assign,
+    initial_layout,
+    torch_zeros,
+)
 
 _engine = torch.autograd.Variable._execution_engine
 
@@ -37,12 +46,13 @@ class Reducer:
         algorithm: str,
         grad_as_view: bool,
         find_unused: bool,
+        sparse: Sequence[bool],
     ) -> None:
-        self.comm, self.params, self.names = comm, list(params), list(names)
+        self.comm, self.params, self.names, self.sparse = comm, list(params), list(names), list(sparse)
         self.algorithm, self.grad_as_view, self.find_unused = algorithm, grad_as_view, find_unused
         self.first_cap, self.cap, self.static_graph, n = first_cap, cap, False, len(self.params)
         limits = [first_cap, cap] if find_unused and first_cap < cap else [cap] if find_unused else [UNLIMITED]
-        self._build(initial_layout(self.params, limits))
+        self._build(initial_layout(self.params, limits, self.sparse))
         self.comm_hook: tuple[Any, Callable] | None = None
         self.num_iterations = 0
         self.expect_hooks = self.require_finalize = False
@@ -62,7 +72,8 @@ class Reducer:
     def _build(self, layout: list[list[int]], collective: bool = False) -> None:
         """Buckets of `layout`; `collective` (the rebuild, which every rank takes together) may share memory."""
         last, zeros = len(layout) - 1, self._zeros if collective else torch_zeros
-        self.buckets = [Bucket(self.params, indices, k, k == last, zeros) for k, indices in enumerate(layout)]
+        kinds = [SparseBucket if self.sparse[indices[0]] else Bucket for indices in layout]
+        self.buckets = [kind(self.params, ix, k, k == last, zeros) for k, (kind, ix) in enumerate(zip(kinds, layout))]
         self.bucket_of = {i: bucket for bucket in self.buckets for i in bucket.indices}
         self.launched = 0
 
@@ -110,10 +121,10 @@ class Reducer:
         order = torch.tensor(self.ready_order[: len(self.params)], dtype=torch.int64)
         self.comm.broadcast(order, 0)
         old = self.buckets
-        self._build(assign(self.params, order.tolist(), [self.first_cap, self.cap]), collective=True)
+        self._build(assign(self.params, order.tolist(), [self.first_cap, self.cap], self.sparse), collective=True)
         if self.grad_as_view:  # gradients that were views of the old buckets move into the new ones
             for bucket in old:
-                for i in bucket.indices:
+                for i in bucket.views:
                     grad = self.params[i].grad
                     if grad is not None and aliases(grad, bucket.views[i]):
                         self.bucket_of[i].views[i].copy_(grad)
@@ -268,7 +279,7 @@ class Reducer:
         """Every bucket's collective with zeros (through the comm hook, if any), and the used-parameter map."""
         works = []
         for bucket in self.buckets:
-            zeros = Bucket(self.params, bucket.indices, bucket.index, bucket.last)
+            zeros = type(bucket)(self.params, bucket.indices, bucket.index, bucket.last)
             self._launch(zeros)
             works.append(zeros.work)
         for work in works:

@@ -14,9 +14,10 @@ _ALIGN = 16  # bytes: each tensor's slice of a broadcast starts where any dtype 
 _FIX = " Build the same model on every rank: the same parameters, shapes and order."
 
 
-def reducer_parameters(module: nn.Module, ignored: set[str]) -> tuple[list[nn.Parameter], list[str]]:
-    """The parameters DDP reduces, each once, with its name: trainable and not ignored, in module order (torch's)."""
-    params, names, seen = [], [], set()
+def reducer_parameters(module: nn.Module, ignored: set[str]) -> tuple[list[nn.Parameter], list[str], list[bool]]:
+    """The parameters DDP reduces, each once, with its name and whether its gradient is sparse (an nn.Embedding's
+    or nn.EmbeddingBag's with sparse=True): trainable and not ignored, in module order (torch's)."""
+    params, names, sparse, seen = [], [], [], set()
     for module_name, child in module.named_modules():
         for name, p in child.named_parameters(recurse=False):
             fqn = f"{module_name}.{name}" if module_name else name
@@ -24,7 +25,8 @@ def reducer_parameters(module: nn.Module, ignored: set[str]) -> tuple[list[nn.Pa
                 seen.add(id(p))
                 params.append(p)
                 names.append(fqn)
-    return params, names
+                sparse.append(isinstance(child, (nn.Embedding, nn.EmbeddingBag)) and child.sparse)
+    return params, names, sparse
 
 
 def synced_state(module: nn.Module, ignored: set[str], buffers: bool) -> list[torch.Tensor]:

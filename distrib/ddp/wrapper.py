@@ -103,7 +103,7 @@ class DistributedDataParallel(nn.Module, Joining):
             raise ValueError(f"bucket_cap_mb must be a positive number of MiB, got {bucket_cap_mb}")
         self.bucket_bytes_cap = int((DEFAULT_CAP_MB if bucket_cap_mb is None else bucket_cap_mb) * MIB)
         first_cap = FIRST_BUCKET_BYTES if bucket_cap_mb is None else self.bucket_bytes_cap  # torch: default cap only
-        params, names = reducer_parameters(module, ignored)
+        params, names, sparse = reducer_parameters(module, ignored)
         if init_sync:
             check_same_model(self.comm, params, self.comm.rank)
             broadcast_(self.comm, synced_state(module, ignored, init_sync_buffers))
@@ -111,7 +111,7 @@ class DistributedDataParallel(nn.Module, Joining):
         self.reducer = Reducer(
             self.comm, params, names, first_cap=first_cap, cap=self.bucket_bytes_cap,
             algorithm=self.comm.check_algorithm(algorithm or self.comm.algorithm), grad_as_view=gradient_as_bucket_view,
-            find_unused=find_unused_parameters,
+            find_unused=find_unused_parameters, sparse=sparse,
         )  # fmt: skip
         self._register_hooks()
         self._comm_hooks: list[tuple[Callable, Any]] = []
@@ -295,11 +295,11 @@ class DistributedDataParallel(nn.Module, Joining):
         self.comm = init()
         self.process_group = self.comm.process_group
         self._comm_hooks = []
-        params, names = reducer_parameters(self.module, self.parameters_to_ignore)
+        params, names, sparse = reducer_parameters(self.module, self.parameters_to_ignore)
         self.reducer = Reducer(
             self.comm, params, names, first_cap=FIRST_BUCKET_BYTES, cap=self.bucket_bytes_cap,
             algorithm=self.comm.algorithm, grad_as_view=self.gradient_as_bucket_view,
-            find_unused=self.find_unused_parameters,
+            find_unused=self.find_unused_parameters, sparse=sparse,
         )  # fmt: skip
         self._register_hooks()
         if self.static_graph:

@@ -202,7 +202,7 @@ def test_reducer_launches_buckets_in_order_whatever_order_they_fill(comm, monkey
     monkeypatch.setattr(reducer_module, "_engine", type("Engine", (), {"queue_callback": staticmethod(queued.append)}))
     params = [torch.zeros(3, requires_grad=True) for _ in range(3)]
     reducer = Reducer(comm, params, ["a", "b", "c"], first_cap=1, cap=1, algorithm="native", grad_as_view=False,
-                      find_unused=True)  # fmt: skip
+                      find_unused=True, sparse=[False] * 3)  # fmt: skip
     order = [b.indices[0] for b in reducer.buckets]
     assert order == [2, 1, 0]
     for p in params:

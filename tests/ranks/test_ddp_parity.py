@@ -5,6 +5,7 @@ both over gloo. (The scenarios follow torch/testing/_internal/distributed/distri
 test/distributed/test_c10d_common.py and test_c10d_gloo.py; the code is ours.)
 """
 
+import contextlib
 import copy
 import dataclasses
 import io
@@ -920,5 +921,129 @@ def test_a_parameter_with_no_elements(comm):
         for _ in range(2):
             model(torch.randn(4, 10) + rank()).backward()
         return grads(model)
+
+    parity(scenario)
+
+
+# Sparse gradients (nn.Embedding and nn.EmbeddingBag with sparse=True).
+
+
+class SparseNet(nn.Module):
+    """torch's SparseGradientModule (an EmbeddingBag with sparse gradients, then softmax), optionally with a dense
+    layer beside it and an embedding left out of the loss."""
+
+    def __init__(self, dense: bool = False, unused: bool = False) -> None:
+        super().__init__()
+        self.embedding = nn.EmbeddingBag(10, 10, sparse=True)
+        self.fc = nn.Linear(10, 10) if dense else None
+        self.spare = nn.Embedding(10, 3, sparse=True) if unused else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.embedding(x)
+        return F.softmax(self.fc(out) if self.fc is not None else out, dim=1)
+
+
+def sparse_grads(model: nn.Module) -> list:
+    """Each gradient dense, with whether it was sparse and coalesced (torch's sparse allreduce coalesces)."""
+    return [
+        None
+        if p.grad is None
+        else [p.grad.is_sparse, p.grad.is_sparse and p.grad.is_coalesced(), p.grad.to_dense().clone()]
+        for p in model.parameters()
+    ]
+
+
+def sparse_training(model: nn.Module, steps: int = 3, accumulate: bool = False) -> list:
+    """SGD steps on a batch of 2 bags per rank, each rank's own; the gradients of every step and the weights."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    seen = []
+    for step in range(steps):
+        n = 2 * dist.get_world_size()
+        bags, target = torch.randint(0, 10, [n, 2]), torch.randint(0, 10, [n])
+        mine = slice(2 * rank(), 2 * rank() + 2)
+        with model.no_sync() if accumulate and step % 2 == 0 else contextlib.nullcontext():
+            F.cross_entropy(model(bags[mine]), target[:2]).backward()
+        seen.append(sparse_grads(model))
+        if not accumulate or step % 2:
+            optimizer.step()
+            optimizer.zero_grad()
+    return seen + [weights(model)]
+
+
+@pytest.mark.parametrize("as_view", [False, True], ids=["copy", "grad-is-view"])
+def test_sparse_gradients(comm, as_view):
+    """torch's test_sparse_gradients: the averaged sparse gradient equals a single process's on the whole batch,
+    and torch's DDP's, step by step."""
+
+    def scenario(ddp):
+        return sparse_training(ddp(SparseNet(), gradient_as_bucket_view=as_view))
+
+    parity(scenario)
+    torch.manual_seed(0)
+    whole = SparseNet()
+    ours = OURS(copy.deepcopy(whole), gradient_as_bucket_view=as_view)
+    bags, target = (
+        torch.randint(0, 10, [2 * dist.get_world_size(), 2]),
+        torch.randint(0, 10, [2 * dist.get_world_size()]),
+    )
+    F.cross_entropy(whole(bags), target).backward()
+    mine = slice(2 * rank(), 2 * rank() + 2)
+    F.cross_entropy(ours(bags[mine]), target[mine]).backward()
+    torch.testing.assert_close(ours.module.embedding.weight.grad.to_dense(), whole.embedding.weight.grad.to_dense())
+
+
+@pytest.mark.parametrize("hook", ["torch-allreduce", "distrib-allreduce", "by-hand"])
+def test_sparse_gradients_through_a_comm_hook(comm, hook):
+    """torch's test_ddp_comm_hook_sparse_gradients: a hook gets the sparse gradient as the bucket's buffer (and no
+    per-parameter views), undivided, and its averaged result becomes the gradient."""
+
+    def by_hand(state, bucket):
+        seen.append([bucket.buffer().is_sparse, len(bucket.gradients()), len(bucket.parameters()), bucket.is_last()])
+        return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda f: f.value()[0] / 2)
+
+    def scenario(ddp):
+        model = ddp(SparseNet(dense=True))
+        if hook == "by-hand":
+            model.register_comm_hook(None, by_hand)
+        elif hook == "distrib-allreduce" and ddp is OURS:
+            model.register_comm_hook(comm, hooks.allreduce_hook)
+        else:  # torch's DDP takes torch's hook only
+            model.register_comm_hook(None, default_hooks.allreduce_hook)
+        return sparse_training(model)
+
+    if dist.get_world_size() != 2 and hook == "by-hand":
+        pytest.skip("the hook by hand divides by 2")
+    seen = []
+    expected = outcome(scenario, TorchDDP)
+    theirs, seen = seen, []
+    assert_same(expected, outcome(scenario, OURS))
+    assert seen == theirs
+
+
+@pytest.mark.parametrize("how", ["static-graph", "find-unused", "unused-sparse", "accumulate", "bucket-per-layer"])
+def test_sparse_gradients_beside_dense_ones(comm, how):
+    """A sparse embedding beside a dense layer, in each mode of the reducer: torch's buckets (the sparse gradient a
+    bucket of its own), torch's averages, and torch's error for a sparse parameter no rank used."""
+
+    def scenario(ddp):
+        kwargs = {
+            "static-graph": {"static_graph": True},
+            "find-unused": {"find_unused_parameters": True},
+            "unused-sparse": {"find_unused_parameters": True},
+            "bucket-per-layer": {"bucket_cap_mb": 0.0001},
+        }.get(how, {})
+        model = ddp(SparseNet(dense=True, unused=how == "unused-sparse"), **kwargs)
+        return sparse_training(model, steps=4, accumulate=how == "accumulate")
+
+    parity(scenario)
+
+
+def test_sparse_gradients_with_uneven_inputs(comm):
+    """Join: a rank out of data reduces an empty sparse gradient in the others' backward."""
+
+    def scenario(ddp):
+        model = ddp(SparseNet(dense=True))
+        with model.join():
+            return sparse_training(model, steps=2 + rank())
 
     parity(scenario)
