@@ -205,10 +205,7 @@ class Communicator(Transport):
 
     def broadcast_object(self, obj: Any, root: int = 0) -> Any:
         """Rank `root`'s picklable `obj`, on every rank."""
-        if self.size == 1:
-            return obj
-        gathered = self.allgather_object(obj if self.rank == root else None)
-        return gathered[root]
+        return obj if self.size == 1 else self.allgather_object(obj if self.rank == root else None)[root]
 
     # Shared machinery.
 
@@ -245,10 +242,8 @@ class Communicator(Transport):
     def _run(self, job: Callable[[], Any], async_op: bool, kind: Kind, t: torch.Tensor | None = None) -> Any:
         engine, checked = self._engine, self.size > 1
         if self.observer is not None or async_op or not engine.idle:
-            if checked:
-                job = partial(verify.run, self, kind, t, job)
-            if self.observer is not None:
-                job = observed(job, self.observer, kind.name, kind.info)
+            job = partial(verify.run, self, kind, t, job) if checked else job
+            job = observed(job, self.observer, kind.name, kind.info) if self.observer is not None else job
             return self._compose(job, async_op)
         start = time.perf_counter_ns()  # nothing queued: run on the caller's thread, no hand-off cost
         try:
@@ -257,8 +252,7 @@ class Communicator(Transport):
             engine.blocked_ns += time.perf_counter_ns() - start
 
     def _compose(self, job: Callable[[], Any], async_op: bool) -> Any:
-        """Run `job` at its place in this rank's order of collectives: a collective's checked body, or a collective
-        made of others (sparse.allreduce), which are each checked and recorded themselves."""
+        """Run `job` in its place in this rank's order of collectives (a checked call, or one made of others)."""
         engine = self._engine
         if engine.on_its_thread():  # called back by a finished collective (a hook's future): run it now,
             return engine.run_here(job, async_op)  # in the same place of the order on every rank
