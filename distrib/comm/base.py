@@ -19,7 +19,7 @@ import torch
 
 from distrib.comm import sparse, stuck, verify
 from distrib.comm.algorithms import ALGORITHMS, TABLE
-from distrib.comm.contract import CollectiveTimeout, check_timeout, env_timeout
+from distrib.comm.contract import CollectiveTimeout, check_timeout, env_timeout, real
 from distrib.comm.engine import Engine, Handle, observed
 from distrib.comm.flight import Board, open_board
 from distrib.comm.kinds import Kind, algorithm_of, kind_of
@@ -97,7 +97,7 @@ class Communicator(Transport):
             if self.size == 1 or kind.nbytes == 0:
                 return t
             work = self._staged(t, host=chosen == "shm")
-            flat, reduce = work if work.dim() == 1 else work.view(-1), "sum" if op == "avg" else op
+            flat, reduce = real(work if work.dim() == 1 else work.view(-1)), "sum" if op == "avg" else op
             if chosen != "native" or not self._restart(kind, flat, reduce):
                 TABLE[chosen].allreduce(self, flat, reduce)
             if op == "avg":
@@ -133,9 +133,10 @@ class Communicator(Transport):
             if self.size == 1:
                 return t
             work = self._staged(t, host=chosen == "shm")
-            shard = TABLE[chosen].reduce_scatter(self, work.view(-1), "sum" if op == "avg" else op)
+            shard = TABLE[chosen].reduce_scatter(self, real(work.view(-1)), "sum" if op == "avg" else op)
             if op == "avg":
                 shard.div_(self.size)
+            shard = torch.view_as_complex(shard.view(-1, 2)) if t.is_complex() else shard
             return shard.view(t.shape[0] // self.size, *t.shape[1:]).to(t.device)
 
         return self._run(job, async_op, kind, t)
@@ -169,7 +170,7 @@ class Communicator(Transport):
             if mine.data_ptr() != t.data_ptr() or t.device != work.device or not t.is_contiguous():
                 mine.copy_(t.reshape(-1))
             if self.size > 1 and part:
-                TABLE[chosen].allgather(self, flat)
+                TABLE[chosen].allgather(self, real(flat))
             if work is not out:
                 out.copy_(work)
             return out
@@ -188,7 +189,7 @@ class Communicator(Transport):
             if self.size == 1 or t.numel() == 0:
                 return t
             work = self._staged(t, copy_in=self.rank == root)
-            self._native_broadcast(work.view(-1), root)
+            self._native_broadcast(real(work.view(-1)), root)
             if work is not t:
                 t.copy_(work)
             return t

@@ -24,6 +24,8 @@ DTYPES = (
     torch.int64,
     torch.int8,
     torch.uint8,
+    torch.complex64,  # reduced as pairs of floats (real): sum and avg only, as torch's
+    torch.complex128,
 )
 Array = torch.Tensor | np.ndarray  # what the Python algorithms work on: a tensor, or a numpy view of a CPU one
 DEFAULT_TIMEOUT = 300.0  # seconds; generous for big models on slow links, DISTRIB_TIMEOUT overrides
@@ -143,8 +145,15 @@ def check_tensor(t: Any, op: str) -> None:
         raise TypeError(f"dtype {t.dtype} is not supported; use one of {names}")
     if op not in OPS:
         raise ValueError(f"op must be one of {', '.join(OPS)}; got {op!r}")
-    if op == "avg" and not t.is_floating_point():
+    if op == "avg" and not (t.is_floating_point() or t.is_complex()):
         raise ValueError(f"op='avg' needs a floating-point tensor, got {t.dtype}; use op='sum' and divide")
+    if op in ("max", "min") and t.is_complex():
+        raise ValueError(f"op={op!r} has no meaning on {t.dtype} (complex numbers have no order); use 'sum' or 'avg'")
+
+
+def real(flat: torch.Tensor) -> torch.Tensor:
+    """A flat tensor as the algorithms move it: a complex one as its real and imaginary parts, the same memory."""
+    return torch.view_as_real(flat).view(-1) if flat.is_complex() else flat
 
 
 def describe(name: str, t: Any, op: str, algorithm: str, label: Any) -> tuple[str, str]:

@@ -24,7 +24,7 @@ import torch
 
 from distrib.comm import auto
 from distrib.comm.algorithms import ALGORITHMS, TABLE, naive_allgather_
-from distrib.comm.contract import DTYPES, OPS, CollectiveError, CollectiveTimeout, describe, fingerprint, poll
+from distrib.comm.contract import DTYPES, OPS, CollectiveError, CollectiveTimeout, describe, fingerprint, poll, real
 from distrib.comm.flight import CODE_AT, DECIDED_AT, MASK, RING_AT, Board
 from distrib.comm.stuck import departed, report
 
@@ -135,7 +135,7 @@ def stand_in(comm: Any, call: int) -> None:
     its algorithm."""
     numel, name = call >> 16, EARLY[call & 3]
     dtype, op, algorithm = DTYPES[call >> 4 & 15], OPS[call >> 2 & 3], ALGORITHMS[call >> 8 & 15]
-    flat = torch.zeros(numel * comm.size if name == "allgather" else numel, dtype=dtype, device=comm.device)
+    flat = real(torch.zeros(numel * comm.size if name == "allgather" else numel, dtype=dtype, device=comm.device))
     chosen = TABLE[auto.choose(comm, algorithm, flat.numel() * flat.element_size())]
     if name == "allgather":
         chosen.allgather(comm, flat)

@@ -413,6 +413,37 @@ def test_calls_that_differ_fail_on_every_rank_and_the_next_call_works(comm, algo
     assert t.tolist() == [n * (n - 1) / 2] * 7
 
 
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128], ids=str)
+def test_complex_tensors(comm, algorithm, dtype):
+    """Complex tensors (an FFT layer's parameters), as torch.distributed takes them: allreduce's sum and avg,
+    reduce_scatter, allgather and broadcast against numpy's complex arithmetic; max and min refused."""
+    n = comm.size
+
+    def mine(rank: int, numel: int) -> torch.Tensor:
+        pairs = rank_tensor(rank, 2 * numel, torch.float64).view(numel, 2)
+        return torch.view_as_complex(pairs).to(dtype)
+
+    everyone = np.stack([mine(r, 1001).numpy() for r in range(n)])
+    rtol = 1e-5 if dtype == torch.complex64 else 1e-12
+    for op, expected in (("sum", everyone.sum(0)), ("avg", everyone.mean(0))):
+        t = mine(comm.rank, 1001)
+        assert comm.allreduce(t, op, algorithm=algorithm) is t and t.dtype == dtype
+        np.testing.assert_allclose(t.numpy(), expected, rtol=rtol, atol=rtol)
+    rows = torch.stack([mine(comm.rank, 3) for _ in range(n)])  # n rows of 3: each rank's share is one row
+    shard = comm.reduce_scatter(rows, algorithm=algorithm)
+    stacked = np.stack([np.stack([mine(r, 3).numpy()] * n) for r in range(n)]).sum(0)
+    np.testing.assert_allclose(shard.numpy(), stacked[comm.rank : comm.rank + 1], rtol=rtol, atol=rtol)
+    gathered = comm.allgather(mine(comm.rank, 5), algorithm=algorithm)
+    np.testing.assert_array_equal(gathered.numpy(), np.concatenate([mine(r, 5).numpy() for r in range(n)]))
+    root = mine(comm.rank, 4)
+    comm.broadcast(root, n - 1)
+    np.testing.assert_array_equal(root.numpy(), mine(n - 1, 4).numpy())
+    for op in ("max", "min"):
+        with pytest.raises(ValueError, match=f"op='{op}' has no meaning on torch.complex"):
+            comm.allreduce(mine(comm.rank, 3), op, algorithm=algorithm)
+
+
 def rank_sparse(rank: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """Rank `rank`'s sparse COO input: rank + 1 rows of `shape` (some repeated, uncoalesced), none for rank 1."""
     gen = torch.Generator().manual_seed(rank)
