@@ -1047,3 +1047,32 @@ def test_sparse_gradients_with_uneven_inputs(comm):
             return sparse_training(model, steps=2 + rank())
 
     parity(scenario)
+
+
+class FFTModel(nn.Module):
+    """torch's test_ddp_complex_params model: a complex weight applied in the frequency domain."""
+
+    def __init__(self, hin: int = 4, win: int = 4, features: int = 2) -> None:
+        super().__init__()
+        self.hin, self.win = hin, win
+        self.weight = nn.Parameter(torch.ones((features, features, hin, win // 2 + 1), dtype=torch.cfloat))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xc = torch.fft.rfft2(x, s=(self.hin, self.win), dim=(-2, -1), norm="ortho")
+        xcw = torch.einsum("nchw,cohw->nohw", xc, self.weight)
+        return torch.fft.irfft2(xcw, dim=(-2, -1), norm="ortho")
+
+
+@pytest.mark.parametrize("algorithm", [None, "ring", "shm"])
+def test_complex_parameters(comm, algorithm):
+    """torch's test_ddp_complex_params: a complex parameter's gradient averaged like a real one's, beside a real
+    layer, over every algorithm (complex numbers move as pairs of floats)."""
+    if algorithm == "shm" and comm.backend != "mpi":
+        pytest.skip("algorithm 'shm' is for the mpi backend")
+
+    def scenario(ddp):
+        extra = {"algorithm": algorithm} if ddp is OURS and algorithm else {}
+        model = ddp(nn.Sequential(nn.Linear(4, 4), FFTModel()), **extra)
+        return train(model, 3, lambda step: (torch.randn(3, 2, 4, 4) + rank(),), loss=lambda out: out.pow(2).mean())
+
+    parity(scenario)
