@@ -80,6 +80,14 @@ class Bucket:
         self.work = None  # a distrib Handle, or a torch Future when a comm hook ran
 
     def _view(self, flat: torch.Tensor, k: int) -> torch.Tensor:
+        """Parameter k's place in `flat`, laid out as the parameter where it is dense (channels_last, say), as
+        AccumulateGrad lays out its gradient (torch's bucket views); else row-major."""
+        p = self.params[k]
+        if dense(p):
+            return flat.as_strided(p.shape, p.stride(), flat.storage_offset() + self.offsets[k])
+        return self._plain(flat, k)
+
+    def _plain(self, flat: torch.Tensor, k: int) -> torch.Tensor:
         p = self.params[k]
         return flat[self.offsets[k] : self.offsets[k] + p.numel()].view(p.shape)
 
@@ -170,6 +178,8 @@ class SparseBucket:
     def _view(self, flat: torch.Tensor, k: int) -> torch.Tensor:
         return flat
 
+    _plain = _view
+
     def held_elsewhere(self) -> bool:
         return False
 
@@ -212,10 +222,25 @@ class GradBucket:
         self._buffer = buffer
 
     def gradients(self) -> list[torch.Tensor]:
-        return [self._bucket._view(self._buffer, k) for k in range(len(self._bucket.offsets))]
+        return [self._bucket._plain(self._buffer, k) for k in range(len(self._bucket.offsets))]  # row-major, torch's
 
     def parameters(self) -> list[torch.Tensor]:
         return list(self._bucket.params)
+
+
+def dense(t: torch.Tensor) -> bool:
+    """Whether `t` fills exactly numel places of memory in some order of its dims (torch's non-overlapping and
+    dense): then its gradient, and its bucket view, are laid out as it is."""
+    if t.numel() == 0:
+        return False
+    need = 1
+    for stride, size in sorted(zip(t.stride(), t.shape)):
+        if size == 1:
+            continue
+        if stride != need:
+            return False
+        need *= size
+    return True
 
 
 def aliases(grad: torch.Tensor, view: torch.Tensor) -> bool:

@@ -1076,3 +1076,26 @@ def test_complex_parameters(comm, algorithm):
         return train(model, 3, lambda step: (torch.randn(3, 2, 4, 4) + rank(),), loss=lambda out: out.pow(2).mean())
 
     parity(scenario)
+
+
+@pytest.mark.parametrize("as_view", [False, True], ids=["copy", "grad-is-view"])
+@pytest.mark.parametrize("cap", [None, 0.0001], ids=["one-bucket", "bucket-per-layer"])
+def test_gradients_laid_out_as_their_parameters(comm, as_view, cap):
+    """torch's gradient layout contract (test_grad_layout): a channels_last convolution's gradient has its
+    parameter's strides, in every step and bucket layout, also as a bucket view."""
+
+    def scenario(ddp):
+        net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3), nn.Flatten(), nn.Linear(16, 2))
+        model = ddp(net.to(memory_format=torch.channels_last), gradient_as_bucket_view=as_view, bucket_cap_mb=cap)
+        seen = []
+        for _ in range(3):
+            x = (torch.randn(2, 3, 6, 6) + rank()).contiguous(memory_format=torch.channels_last)
+            model(x).pow(2).sum().backward()
+            seen.append([[p.grad.clone(), list(p.grad.stride()), list(p.stride())] for p in model.parameters()])
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.1 * p.grad
+            model.zero_grad(set_to_none=False)
+        return seen
+
+    parity(scenario)
