@@ -1099,3 +1099,27 @@ def test_gradients_laid_out_as_their_parameters(comm, as_view, cap):
         return seen
 
     parity(scenario)
+
+
+class Parametrized(nn.Module):
+    """Parameters reached otherwise: weight and spectral norm's parametrizations (spectral norm's power-iteration
+    buffers change in every forward), a ParameterList and a ParameterDict, a list of outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.utils.parametrizations.weight_norm(nn.Linear(6, 6))
+        self.b = nn.utils.parametrizations.spectral_norm(nn.Linear(6, 6))
+        self.ws = nn.ParameterList([nn.Parameter(torch.randn(6, 6) * 0.3) for _ in range(2)])
+        self.d = nn.ParameterDict({"bias": nn.Parameter(torch.zeros(6))})
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = self.b(torch.relu(self.a(x)))
+        for w in self.ws:
+            x = torch.tanh(x @ w)
+        return [x + self.d["bias"], x.sum(1)]
+
+
+@pytest.mark.parametrize("mode", [{}, {"find_unused_parameters": True}, {"static_graph": True}], ids=str)
+def test_parametrized_and_listed_parameters(comm, mode):
+    parity(lambda ddp: train(ddp(Parametrized(), **mode), 3, lambda step: (torch.randn(4, 6) + rank(),),
+                             loss=lambda out: out[0].pow(2).mean() + out[1].pow(2).mean()))  # fmt: skip
