@@ -137,6 +137,9 @@ class DistributedDataParallel(nn.Module, Joining):
         inputs, kwargs = self._pre_forward(*inputs, **kwargs)
         return self._post_forward(self.module(*inputs, **kwargs))
 
+    # Under torch.compile the module is compiled and the bookkeeping around it (collectives, the graph search)
+    # runs as it is, not traced: as torch's DDP.
+    @torch.compiler.disable
     def _pre_forward(self, *inputs: Any, **kwargs: Any) -> tuple[Any, Any]:
         grad = torch.is_grad_enabled()
         if grad and self.require_backward_grad_sync:
@@ -158,6 +161,7 @@ class DistributedDataParallel(nn.Module, Joining):
             inputs, kwargs = to_device(inputs, device), to_device(kwargs, device)
         return inputs, kwargs
 
+    @torch.compiler.disable
     def _post_forward(self, output: Any) -> Any:
         if torch.is_grad_enabled() and self.require_backward_grad_sync:
             self.require_forward_param_sync = True

@@ -1123,3 +1123,21 @@ class Parametrized(nn.Module):
 def test_parametrized_and_listed_parameters(comm, mode):
     parity(lambda ddp: train(ddp(Parametrized(), **mode), 3, lambda step: (torch.randn(4, 6) + rank(),),
                              loss=lambda out: out[0].pow(2).mean() + out[1].pow(2).mean()))  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", [{}, {"find_unused_parameters": True}, {"static_graph": True}], ids=str)
+def test_torch_compile_of_the_wrapper(comm, mode):
+    """torch.compile(ddp) compiles the module and runs the wrapper's bookkeeping as it is (its collectives are
+    not traced): torch's gradients, with no warning of code the compiler could not trace."""
+
+    def scenario(ddp):
+        torch._dynamo.reset()
+        model = ddp(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)), **mode)
+        compiled = torch.compile(model, backend="aot_eager")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = train(compiled, 3, lambda step: (torch.randn(4, 8) + rank(),))
+        untraced = [str(w.message).splitlines()[0] for w in caught if "Dynamo does not know" in str(w.message)]
+        return out + [untraced]
+
+    parity(scenario)
