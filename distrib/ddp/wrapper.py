@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.algorithms.join import Join
+from torch.nn.parallel import DistributedDataParallel as TorchDDP
 
 from distrib.comm import Communicator
 from distrib.ddp import messages
@@ -36,8 +37,11 @@ _UNSUPPORTED = ("delay_all_reduce_named_params", "param_to_hook_all_reduce", "mi
 _UNPICKLED = ("comm", "reducer", "process_group", "_handles", "_comm_hooks")
 
 
-class DistributedDataParallel(nn.Module, Joining):
+class DistributedDataParallel(Joining, TorchDDP):
     """Wraps `module` so that backward averages its gradients over all ranks; a drop-in for torch's DDP.
+
+    A subclass of torch's, so torch's own tools that look for a DDP (torch.distributed.checkpoint's state dicts,
+    pipelining's no_sync) find one; none of torch's state or methods is used: every one is distrib's.
 
     Arguments as torch's, plus `comm` (a Communicator; None: `distrib.init()`) and `algorithm` (one of
     distrib.ALGORITHMS; None: the communicator's default). `process_group` may be a torch ProcessGroup (then the
@@ -70,7 +74,7 @@ class DistributedDataParallel(nn.Module, Joining):
         comm: Communicator | None = None,
         algorithm: str | None = None,
     ) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not torch's DDP's: its reducer and hooks are distrib's
         Joining.__init__(self)
         given = {name: value for name, value in locals().items() if name in _UNSUPPORTED and value is not None}
         if given or skip_all_reduce_unused_params:
@@ -295,7 +299,7 @@ class DistributedDataParallel(nn.Module, Joining):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """A copy (deepcopy, torch.load) rebuilds its reducer and hooks over the default communicator, as torch's."""
-        super().__setstate__(state)
+        nn.Module.__setstate__(self, state)
         self.comm = init()
         self.process_group = self.comm.process_group
         self._comm_hooks = []

@@ -1141,3 +1141,22 @@ def test_torch_compile_of_the_wrapper(comm, mode):
         return out + [untraced]
 
     parity(scenario)
+
+
+def test_torch_distributed_checkpoint_state_dicts(comm):
+    """torch.distributed.checkpoint's get_state_dict and set_state_dict see a DDP (an instance of torch's class):
+    the model's and the optimizer's keys without the wrapper's `module.`, as under torch, and they load back."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    def scenario(ddp):
+        model = ddp(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)))
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+        model(torch.randn(3, 4) + rank()).sum().backward()
+        optimizer.step()
+        saved, state = get_state_dict(model, optimizer)
+        model(torch.randn(3, 4)).sum().backward()
+        optimizer.step()  # moves away from what was saved, then loads it back
+        set_state_dict(model, optimizer, model_state_dict=saved, optim_state_dict=state)
+        return [isinstance(model, TorchDDP), list(saved), sorted(state["state"]), dict(saved), weights(model)]
+
+    parity(scenario)
