@@ -17,6 +17,8 @@ def allreduce(comm: Any, t: torch.Tensor, op: str, async_op: bool) -> Any:
     a handle whose wait() returns it)."""
     if op not in ("sum", "avg"):
         raise ValueError(f"the allreduce of a sparse tensor takes op 'sum' or 'avg', got {op!r}; call .to_dense()")
+    if op == "avg" and not t.is_floating_point():
+        raise ValueError(f"op='avg' needs a floating-point tensor, got {t.dtype}; use op='sum' and divide")
     return comm._compose(lambda: _reduce(comm, t, op), async_op)
 
 

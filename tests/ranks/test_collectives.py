@@ -478,6 +478,8 @@ def test_bad_sparse_tensors_fail_clearly_on_every_rank(comm):
     t = rank_sparse(comm.rank, (7, 3), torch.float32)
     with pytest.raises(ValueError, match="the allreduce of a sparse tensor takes op 'sum' or 'avg', got 'max'"):
         comm.allreduce(t, "max")
+    with pytest.raises(ValueError, match="op='avg' needs a floating-point tensor, got torch.int64"):
+        comm.allreduce(rank_sparse(comm.rank, (7,), torch.int64), "avg")
     for call in (comm.broadcast, comm.allgather, comm.reduce_scatter):
         with pytest.raises(TypeError, match="collectives take dense tensors .* got torch.sparse_coo; call .to_dense"):
             call(t)
