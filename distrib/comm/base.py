@@ -82,22 +82,23 @@ class Communicator(Transport):
         *,
         label: Mapping[str, Any] | None = None,
     ) -> torch.Tensor | Handle:
-        """Reduce `t` over all ranks, in place; returns `t` (or a handle whose wait() returns it). A sparse COO `t`
-        is summed (or averaged) as torch's gloo does, whatever the algorithm.
+        """Reduce `t` over all ranks, in place (a sparse COO `t` as torch's gloo does, whatever the algorithm);
+        returns `t` (or a handle whose wait() returns it).
 
         `label` (of this and the other tensor collectives) adds fields to what the observer sees, such as a trace
         span's {"bucket": 3}.
         """
-        if isinstance(t, torch.Tensor) and t.is_sparse:  # a sparse gradient: gathered and summed (sparse.py)
-            return sparse.allreduce(self, t, op, async_op)
         kind = kind_of(self, "allreduce", t, op, algorithm or self.algorithm, label)
+        if kind.sparse:  # a sparse gradient: gathered and summed (sparse.py)
+            return sparse.allreduce(self, t, op, async_op)
 
         def job() -> torch.Tensor:
             chosen = kind.chosen or algorithm_of(self, kind)
             if self.size == 1 or kind.nbytes == 0:
                 return t
             work = self._staged(t, host=chosen == "shm")
-            flat, reduce = real(work if work.dim() == 1 else work.view(-1)), "sum" if op == "avg" else op
+            flat = torch.view_as_real(work).view(-1) if kind.complex else work if work.dim() == 1 else work.view(-1)
+            reduce = "sum" if op == "avg" else op
             if chosen != "native" or not self._restart(kind, flat, reduce):
                 TABLE[chosen].allreduce(self, flat, reduce)
             if op == "avg":
@@ -294,7 +295,5 @@ class Communicator(Transport):
         everyone = torch.empty(width * self.size, dtype=torch.uint8, device=self.device)
         self._native_allgather(mine.to(self.device), everyone)
         everyone = everyone.cpu()
-        return [
-            pickle.loads(everyone[r * width : r * width + int(n)].numpy().tobytes())
-            for r, n in enumerate(lengths.tolist())
-        ]
+        parts = [everyone[r * width : r * width + int(n)] for r, n in enumerate(lengths.tolist())]
+        return [pickle.loads(part.numpy().tobytes()) for part in parts]

@@ -36,6 +36,8 @@ class Kind:
     info: dict[str, Any] = field(default_factory=dict)  # what an observer is told: op, algorithm, bytes, the label
     named: tuple[int, int] | None = None
     chosen: str = ""  # the algorithm it runs ("auto" resolved), once its first call has run (algorithm_of)
+    sparse: bool = False  # a sparse COO tensor's allreduce (sparse.py)
+    complex: bool = False  # a complex tensor, moved as pairs of floats (contract.real)
 
 
 def kind_of(
@@ -53,17 +55,20 @@ def kind_of(
     kinds = comm._kinds
     kind = kinds.get(key)
     if kind is None:
+        sparse = t is not None and t.is_sparse and name == "allreduce"  # its own checks, in sparse.allreduce
         if t is not None:
-            check_tensor(t, op if name in REDUCING else "sum")
+            if not sparse:
+                check_tensor(t, op if name in REDUCING else "sum")
             if algorithm:
                 comm.check_algorithm(algorithm)
         nbytes = 0 if t is None else t.numel() * t.element_size() * (comm.size if name == "allgather" else 1)
-        early = code(name, t, op, algorithm) if name in EARLY and t.numel() > 0 else 0
+        early = code(name, t, op, algorithm) if name in EARLY and t.numel() > 0 and not sparse else 0
         told = {k: v for k, v in (("op", op), ("algorithm", algorithm)) if v} | info
         told |= {"bytes": nbytes} if t is not None else {}
         if len(kinds) >= MAX_KINDS:
             kinds.clear()
         kind = kinds[key] = Kind(name, op, algorithm, label, nbytes, early, {**told, **(label or {})})
+        kind.sparse, kind.complex = sparse, t is not None and t.is_complex()
     return kind
 
 
