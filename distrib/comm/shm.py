@@ -18,7 +18,9 @@ from mpi4py import MPI
 from distrib.comm.arrays import chunks, combine_
 from distrib.comm.regions import Regions
 
-PIECE_BYTES = 1 << 20  # per buffer: BUFFERS x ranks of them fit the L3 cache a host's cores share
+# Per buffer: more than a core's 2 MiB L2, so the lines a peer read have left its cache before they are written again
+# (1 MiB pieces: every write waited on invalidating the peer's copy, about 2.5 GB/s from 16 MiB up).
+PIECE_BYTES = 4 << 20
 BUFFERS = 3  # piece i+3 reuses piece i's buffers, when every rank has passed two more waits
 SMALL_BYTES = 64 << 10  # up to this size (any size at 2 ranks) every rank combines every slot: fewer steps
 SHORT = 3 * 64  # views of the buffers' first elements kept, per (dtype, length, buffer): _next
