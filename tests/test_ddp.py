@@ -222,3 +222,17 @@ def test_cuda_module_with_device_ids(comm):
     reference(x.cuda()).sum().backward()
     for p, q in zip(ddp.parameters(), reference.parameters()):
         assert p.grad.device.type == "cuda" and torch.allclose(p.grad, q.grad)
+
+
+def test_an_instance_of_torchs_class_whose_internals_refuse_by_name(comm):
+    """A subclass of torch's DDP (torch's tools find a DDP), none of whose reducer-bound internals run torch's code:
+    each says it is torch's and not distrib's, instead of failing inside torch."""
+    from distrib.ddp.wrapper import _TORCH_INTERNALS
+
+    ddp = DistributedDataParallel(mlp(), comm=comm)
+    assert isinstance(ddp, torch.nn.parallel.DistributedDataParallel)
+    for name in _TORCH_INTERNALS:
+        with pytest.raises(NotImplementedError, match=f"does not have torch's {name}: it works on torch's own"):
+            getattr(ddp, name)()
+    inputs, kwargs = ddp.to_kwargs((torch.ones(2),), {"x": 2}, 0)  # torch's own helper, inherited, works
+    assert inputs[0][0].tolist() == [1.0, 1.0] and kwargs == ({"x": 2},)

@@ -90,6 +90,7 @@ class DistributedDataParallel(Joining, TorchDDP):
             self._throw(RuntimeError, messages.NO_PARAMETERS)
         self.device_ids, self.output_device, self.device_type = devices(self, device_ids, output_device, mine)
         self.is_multi_device_module = len({p.device for p in mine}) > 1
+        self.use_side_stream_for_tensor_copies = False  # torch's name: its to_kwargs and scatter, inherited, read it
         self.static_graph = False
         self.dim, self.module, self.device = dim, module, mine[0].device
         self.forward_sync_buffers, init_sync_buffers = buffer_sync(broadcast_buffers, forward_sync_buffers)
@@ -368,3 +369,33 @@ def _hook(ddp: weakref.ref, i: int, param: torch.Tensor) -> None:
 def _remove(handles: list) -> None:
     for handle in handles:
         handle.remove()
+
+
+# torch's DDP methods that work on its own reducer and state, which distrib's subclass does not have: each refuses,
+# naming itself, instead of failing deep inside torch's code.
+_TORCH_INTERNALS = (
+    "_update_process_group", "_set_sparse_metadata", "_set_ddp_sink_clone", "_set_ddp_runtime_logging_sample_rate",
+    "_setup_in_backward_optimizers", "_register_accum_grad_hook", "_register_delay_all_reduce_hook",
+    "_delayed_all_reduce_hook", "_fire_reducer_autograd_hook", "_match_all_reduce_for_bwd_pass",
+    "_match_unused_params_allreduce", "_check_global_requires_backward_grad_sync", "_check_and_sync_module_buffers",
+    "_check_sync_bufs_pre_fwd", "_check_sync_bufs_post_fwd", "_sync_module_buffers", "_default_broadcast_coalesced",
+    "_distributed_broadcast_coalesced", "_find_common_rank", "_lazy_init", "_run_ddp_forward", "_ddp_init_helper",
+    "_build_params_for_reducer", "_assign_modules_buffers", "_build_debug_param_to_name_mapping", "_log_and_throw",
+    "_check_default_group", "_get_parameters", "_root_copy_hook", "_module_wait_for_copy_hook", "_clear_grad_buffer",
+    "_passing_sync_batchnorm_handle", "_inside_ddp_forward",
+)  # fmt: skip
+
+
+def _refused(name: str) -> Callable[..., Any]:
+    def refused(self: DistributedDataParallel, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError(
+            f"distrib's DistributedDataParallel does not have torch's {name}: it works on torch's own reducer; "
+            "see the README's table of torch's arguments and methods"
+        )
+
+    refused.__name__ = refused.__qualname__ = name
+    return refused
+
+
+for _name in _TORCH_INTERNALS:
+    setattr(DistributedDataParallel, _name, _refused(_name))
