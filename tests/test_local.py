@@ -39,7 +39,8 @@ def test_no_peers_to_talk_to(comm):
     [
         (lambda c: c.allreduce([1.0, 2.0]), TypeError, "collectives take a torch.Tensor, got list"),
         (lambda c: c.allreduce(torch.ones(2, dtype=torch.bool)), TypeError, "dtype torch.bool is not supported"),
-        (lambda c: c.allreduce(torch.ones(2, dtype=torch.complex64)), TypeError, "complex64 is not supported"),
+        (lambda c: c.allreduce(torch.ones(2, dtype=torch.complex64), op="max"), ValueError, "no meaning on torch.c"),
+        (lambda c: c.broadcast(torch.ones(2).to_sparse()), TypeError, "collectives take dense tensors .*sparse"),
         (
             lambda c: c.allreduce(torch.ones(2), op="prod"),
             ValueError,
