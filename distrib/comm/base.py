@@ -137,7 +137,7 @@ class Communicator(Transport):
             shard = TABLE[chosen].reduce_scatter(self, real(work.view(-1)), "sum" if op == "avg" else op)
             if op == "avg":
                 shard.div_(self.size)
-            shard = torch.view_as_complex(shard.view(-1, 2)) if t.is_complex() else shard
+            shard = torch.view_as_complex(shard.view(-1, 2)) if kind.complex else shard
             return shard.view(t.shape[0] // self.size, *t.shape[1:]).to(t.device)
 
         return self._run(job, async_op, kind, t)

@@ -67,8 +67,9 @@ def kind_of(
         told |= {"bytes": nbytes} if t is not None else {}
         if len(kinds) >= MAX_KINDS:
             kinds.clear()
-        kind = kinds[key] = Kind(name, op, algorithm, label, nbytes, early, {**told, **(label or {})})
-        kind.sparse, kind.complex = sparse, t is not None and t.is_complex()
+        told |= label or {}
+        complex_ = t is not None and t.is_complex()
+        kind = kinds[key] = Kind(name, op, algorithm, label, nbytes, early, told, sparse=sparse, complex=complex_)
     return kind
 
 

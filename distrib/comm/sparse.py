@@ -39,10 +39,9 @@ def _reduce(comm: Any, t: torch.Tensor, op: str) -> torch.Tensor:
     padded_values[: counts[comm.rank]] = values
     all_indices = comm.allgather(padded_indices, algorithm="native").view(comm.size, longest, indices.shape[0])
     all_values = comm.allgather(padded_values, algorithm="native").view(comm.size, longest, *values.shape[1:])
-    keep = [slice(0, n) for n in counts]
     total = torch.sparse_coo_tensor(
-        torch.cat([all_indices[r, keep[r]] for r in range(comm.size)]).t(),
-        torch.cat([all_values[r, keep[r]] for r in range(comm.size)]),
+        torch.cat([all_indices[r, :n] for r, n in enumerate(counts)]).t(),
+        torch.cat([all_values[r, :n] for r, n in enumerate(counts)]),
         t.shape,
         dtype=t.dtype,
         check_invariants=False,  # built from coalesced parts of the same shape
