@@ -8,11 +8,12 @@ Longer than the 300-line budget because it is one class with torch's whole publi
 from __future__ import annotations
 
 import inspect
+import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from functools import partial
+from functools import partial, wraps
 from typing import Any
 
 import torch
@@ -35,6 +36,22 @@ _engine = torch.autograd.Variable._execution_engine
 _UNSUPPORTED = ("delay_all_reduce_named_params", "param_to_hook_all_reduce", "mixed_precision", "device_mesh",
                 "bucket_cap_mb_list")  # fmt: skip
 _UNPICKLED = ("comm", "reducer", "process_group", "_handles", "_comm_hooks")
+
+
+def _outside_compiler(fn: Callable) -> Callable:
+    """torch.compiler.disable, made on first use under the compiler: importing it costs each process over a second
+    (torch's DDP pays it in its constructor), and nothing is compiled before it is imported."""
+    disabled: list[Callable] = []
+
+    @wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if "torch._dynamo" not in sys.modules:
+            return fn(*args, **kwargs)
+        if not disabled:
+            disabled.append(torch.compiler.disable(fn))
+        return disabled[0](*args, **kwargs)
+
+    return call
 
 
 class DistributedDataParallel(Joining, TorchDDP):
@@ -144,7 +161,7 @@ class DistributedDataParallel(Joining, TorchDDP):
 
     # Under torch.compile the module is compiled and the bookkeeping around it (collectives, the graph search)
     # runs as it is, not traced: as torch's DDP.
-    @torch.compiler.disable
+    @_outside_compiler
     def _pre_forward(self, *inputs: Any, **kwargs: Any) -> tuple[Any, Any]:
         grad = torch.is_grad_enabled()
         if grad and self.require_backward_grad_sync:
@@ -166,7 +183,7 @@ class DistributedDataParallel(Joining, TorchDDP):
             inputs, kwargs = to_device(inputs, device), to_device(kwargs, device)
         return inputs, kwargs
 
-    @torch.compiler.disable
+    @_outside_compiler
     def _post_forward(self, output: Any) -> Any:
         if torch.is_grad_enabled() and self.require_backward_grad_sync:
             self.require_forward_param_sync = True
