@@ -50,7 +50,7 @@ def test_any_world_size_gives_the_same_weights(tmp_path):
     # batch of 384 that 3 ranks split unevenly; the global batch is the unit, so the math is the same.
     args = ("--batch-size", "1000", "--allreduce", "ring")
     reference = train_weights(tmp_path, "none", 1, *args)
-    for launcher, ranks in (("mpiexec", 2), ("mpiexec", 3), ("torchrun", 4)):
+    for launcher, ranks in (("mpiexec", 3), ("torchrun", 4)):
         assert_same(train_weights(tmp_path, launcher, ranks, *args), reference)
 
 
