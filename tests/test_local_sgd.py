@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
 from torch.nn import functional as F
 
@@ -37,12 +36,12 @@ def assert_close(got: dict, expected: dict, tol: float = 1e-6) -> None:
         torch.testing.assert_close(got[key], expected[key], rtol=tol, atol=tol, msg=lambda m, k=key: f"{k}: {m}")
 
 
-@pytest.mark.parametrize("ranks", [2, 3])
-def test_h1_with_inner_sgd_equals_data_parallel(ranks, tmp_path):
-    """SGD with momentum is linear in the gradient: the average of the ranks' steps is the step of the average."""
+def test_h1_with_inner_sgd_equals_data_parallel(tmp_path):
+    """SGD with momentum is linear in the gradient: the average of the ranks' steps is the step of the average (at 3
+    ranks, where the shards are uneven)."""
     common = ["--optimizer", "sgd", "--epochs", "2"]
-    ddp = trained(tmp_path, "ddp", common, ranks)
-    local = trained(tmp_path, "local", [*common, *H1], ranks)
+    ddp = trained(tmp_path, "ddp", common, 3)
+    local = trained(tmp_path, "local", [*common, *H1], 3)
     assert_close(weights(local), weights(ddp))
 
 
