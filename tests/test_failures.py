@@ -67,7 +67,7 @@ def test_ddp_parameter_unused_on_one_rank_ends_the_job_naming_it(launcher, backe
     assert elapsed < 60, f"{elapsed:.0f} s: rank 0 waited out its 120 s timeout instead of going down"
 
 
-def each_algorithm(launches=LAUNCHES):
+def each_algorithm(launches: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
     """(launcher, backend, algorithm) for every algorithm each backend has ("shm" is the mpi backend's)."""
     algorithms = ["native", "ring", "naive", "shm"]
     return [(la, b, a) for la, b in launches for a in algorithms if a != "shm" or b == "mpi"]
