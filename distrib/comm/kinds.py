@@ -38,38 +38,47 @@ class Kind:
     chosen: str = ""  # the algorithm it runs ("auto" resolved), once its first call has run (algorithm_of)
     sparse: bool = False  # a sparse COO tensor's allreduce (sparse.py)
     complex: bool = False  # a complex tensor, moved as pairs of floats (contract.real)
+    restarts: bool = False  # an allreduce the transport has restarted a saved request for (Communicator._reduce)
 
 
 def kind_of(
     comm: Any, name: str, t: Any = None, op: str = "", algorithm: str = "", label: Mapping[str, Any] | None = None,
-    **info: Any,
+    info: Mapping[str, Any] | None = None,
 ) -> Kind:  # fmt: skip
-    """The Kind of a call of `name` on tensor `t` (None: an object collective or a barrier); raises a clear error,
-    before anything moves, for a tensor or op the collectives do not take and an algorithm `comm` cannot run."""
+    """The Kind of a call of `name` on tensor `t` (None: an object collective or a barrier), with `info` for the
+    observer; raises a clear error, before anything moves, for a tensor or op the collectives do not take and an
+    algorithm `comm` cannot run."""
     if t is None:
         key: Any = name
-    elif not isinstance(t, torch.Tensor):
-        raise TypeError(f"collectives take a torch.Tensor, got {type(t).__name__}")
-    else:
+    elif isinstance(t, torch.Tensor):
         key = (name, t.dtype, t.shape, t.layout, op, algorithm, tuple(label.items()) if label else None)
+    else:
+        raise TypeError(f"collectives take a torch.Tensor, got {type(t).__name__}")
+    kind = comm._kinds.get(key)
+    return kind if kind is not None else _made(comm, key, name, t, op, algorithm, label, info)
+
+
+def _made(
+    comm: Any, key: Any, name: str, t: Any, op: str, algorithm: str, label: Mapping[str, Any] | None,
+    info: Mapping[str, Any] | None,
+) -> Kind:  # fmt: skip
+    """A kind's first call: its checks, and what every later call of it reads."""
     kinds = comm._kinds
-    kind = kinds.get(key)
-    if kind is None:
-        sparse = t is not None and t.is_sparse and name == "allreduce"  # its own checks, in sparse.allreduce
-        if t is not None:
-            if not sparse:
-                check_tensor(t, op if name in REDUCING else "sum")
-            if algorithm:
-                comm.check_algorithm(algorithm)
-        nbytes = 0 if t is None else t.numel() * t.element_size() * (comm.size if name == "allgather" else 1)
-        early = code(name, t, op, algorithm) if name in EARLY and t.numel() > 0 and not sparse else 0
-        told = {k: v for k, v in (("op", op), ("algorithm", algorithm)) if v} | info
-        told |= {"bytes": nbytes} if t is not None else {}
-        if len(kinds) >= MAX_KINDS:
-            kinds.clear()
-        told |= label or {}
-        complex_ = t is not None and t.is_complex()
-        kind = kinds[key] = Kind(name, op, algorithm, label, nbytes, early, told, sparse=sparse, complex=complex_)
+    sparse = t is not None and t.is_sparse and name == "allreduce"  # its own checks, in sparse.allreduce
+    if t is not None:
+        if not sparse:
+            check_tensor(t, op if name in REDUCING else "sum")
+        if algorithm:
+            comm.check_algorithm(algorithm)
+    nbytes = 0 if t is None else t.numel() * t.element_size() * (comm.size if name == "allgather" else 1)
+    early = code(name, t, op, algorithm) if name in EARLY and t.numel() > 0 and not sparse else 0
+    told = {k: v for k, v in (("op", op), ("algorithm", algorithm)) if v} | dict(info or {})
+    told |= {"bytes": nbytes} if t is not None else {}
+    if len(kinds) >= MAX_KINDS:
+        kinds.clear()
+    told |= label or {}
+    complex_ = t is not None and t.is_complex()
+    kind = kinds[key] = Kind(name, op, algorithm, label, nbytes, early, told, sparse=sparse, complex=complex_)
     return kind
 
 

@@ -107,8 +107,8 @@ class MPICommunicator(Communicator):
 
     def _wait_one(self, request: MPI.Request, what: str) -> None:
         """wait_all for one native collective's request, without its lists: the small calls' hot path."""
-        if not request.Test():
-            self._until(request.Test, what, lambda: [-1], sleeps=False)  # Test progresses
+        if not request.Test() and not poll(request.Test, self.timeout, self._crowded, sleeps=False):  # Test progresses
+            raise self._timeout(what, [-1])
 
     def _until(
         self, done: Callable[[], bool], what: str, missing: Callable[[], list[int]], sleeps: bool = True

@@ -183,6 +183,10 @@ def test_repeated_allreduces_restart_a_saved_request_only_where_every_rank_s_mem
     if comm.backend != "mpi" or comm.size == 1 or not comm._persists:
         pytest.skip("persistent allreduces are the mpi backend's, for 2+ ranks of an MPI-4 library")
     comm.verify, kept, made = check, torch.zeros(64, 64), []
+
+    def saved() -> object:  # the persistent request of this test's kind of call
+        return next(r for k, (_, r) in comm._saved.items() if (k.nbytes, k.op, k.label) == (64 * 64 * 4, "sum", None))
+
     try:
         for step in range(6):
             moved = comm.rank % 2 == 1 and step >= 2
@@ -191,10 +195,16 @@ def test_repeated_allreduces_restart_a_saved_request_only_where_every_rank_s_mem
             comm.allreduce(t)
             expected = reference(comm.size, 64 * 64, torch.float32, "sum").reshape(64, 64) + comm.size * step
             np.testing.assert_allclose(t.numpy(), expected, rtol=1e-5, atol=1e-5)
-            made.append(next(request for kind, (_, request) in comm._saved.items() if kind.label is None and
-                             kind.nbytes == 64 * 64 * 4 and kind.op == "sum"))  # fmt: skip
+            made.append(saved())
         assert made[0] is made[1]  # restarted, not made again
         assert made[2] is not made[1] and made[3] is not made[2]  # rank 1's memory moved: made again on every rank
+        for step in range(2):  # asynchronous calls: the first makes one on kept's memory, the second restarts it
+            kept.copy_(rank_tensor(comm.rank, 64 * 64, torch.float32).view(64, 64) - step)
+            assert comm.allreduce(kept, async_op=True).wait() is kept
+            expected = reference(comm.size, 64 * 64, torch.float32, "sum").reshape(64, 64) - comm.size * step
+            np.testing.assert_allclose(kept.numpy(), expected, rtol=1e-5, atol=1e-5)
+            made.append(saved())
+        assert made[-2] is not made[-3] and made[-1] is made[-2]
         view = kept.t()  # same shape, same address, not contiguous: reduced through a copy, written back
         view.copy_(rank_tensor(comm.rank, 64 * 64, torch.float32).view(64, 64))
         comm.allreduce(view)
