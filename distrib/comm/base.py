@@ -22,7 +22,7 @@ from distrib.comm.algorithms import ALGORITHMS, TABLE
 from distrib.comm.contract import CollectiveTimeout, check_timeout, env_timeout, real
 from distrib.comm.engine import Engine, Handle, observed
 from distrib.comm.flight import Board, open_board
-from distrib.comm.kinds import Kind, algorithm_of, kind_of
+from distrib.comm.kinds import Kind, algorithm_of, kind_of, reduce_
 from distrib.comm.mirror import Mirror
 from distrib.comm.topology import Topology, place
 from distrib.comm.transport import Transport
@@ -90,7 +90,7 @@ class Communicator(Transport):
         """
         kind = kind_of(self, "allreduce", t, op, algorithm or self.algorithm, label)
         if kind.restarts and t.is_cpu and t.is_contiguous():  # nothing to stage, view or scale
-            return self._run(partial(self._reduce, kind, t, op), async_op, kind, t)
+            return self._run(partial(reduce_, self, kind, t, op), async_op, kind, t)
         if kind.sparse:  # a sparse gradient: gathered and summed (sparse.py)
             return sparse.allreduce(self, t, op, async_op)
 
@@ -100,7 +100,7 @@ class Communicator(Transport):
                 return t
             work = self._staged(t, host=chosen == "shm")
             flat = torch.view_as_real(work).view(-1) if kind.complex else work if work.dim() == 1 else work.view(-1)
-            self._reduce(kind, flat, "sum" if op == "avg" else op)
+            reduce_(self, kind, flat, "sum" if op == "avg" else op)
             if op == "avg":
                 flat.div_(self.size)
             if work is not t:
@@ -108,17 +108,6 @@ class Communicator(Transport):
             return t
 
         return self._run(job, async_op, kind, t)
-
-    def _reduce(self, kind: Kind, flat: torch.Tensor, op: str) -> torch.Tensor:
-        """The allreduce of `flat` (in place; op sum, max or min) by the algorithm `kind` chose, or by restarting the
-        transport's saved request for `kind` where every rank's tensor lets it. Once one has restarted, a repeat of
-        an in-place call on the CPU comes here straight from `allreduce` (kind.restarts): at 4 KiB the general
-        path's staging and dispatch were a fifth of the call."""
-        if kind.chosen != "native" or not self._restart(kind, flat, op):
-            TABLE[kind.chosen].allreduce(self, flat if flat.dim() == 1 else flat.view(-1), op)
-        elif op == kind.op and not kind.complex:
-            kind.restarts = True
-        return flat
 
     def reduce_scatter(
         self,
