@@ -4,10 +4,12 @@ tensors) against torch's DDP over gloo, at 1, 2, 4 ranks.
 python -m benchmarks.ddp [--model mlp|gpt|gpt-tiny] [--ranks 1 2 4] [--runs 5] [--json FILE] [--plot FILE.png]
                                                             (drives one mpiexec job per world size)
 mpiexec -n N python -m benchmarks.ddp --worker ROWS.json    (one world size; torchrun works too, without the mpi rows)
-Every implementation trains its own copy of the model from the same start; they take turns round by round (a fresh
-model each round, the order rotating) so background load hits all alike. A step's time is the slowest rank's.
-Where the time goes: "no communication" (the plain module) is the compute; step minus compute is the exposed
-communication; allreduce_ms is one allreduce of all the gradients alone (84 MB, 78 MB), the communication to hide.
+Every implementation trains its own copy of the model from the same start; they take turns step by step (fresh
+models each round, the order rotating) so background load hits all alike. A step's time is the slowest rank's.
+Where the time goes: "no communication" (the plain module) is the compute; the exposed communication is the median,
+over the timed steps, of a step minus the no-communication step taken moments before or after it (a difference of
+two whole medians moved by tens of ms with this machine's state); allreduce_ms is one allreduce of all the
+gradients alone (84 MB, 78 MB), the communication to hide.
 vs_plain is a step over the no-communication step; --runs N repeats everything and reports each ratio's median
 over the runs (each ratio taken within its run), the rows of the last run beside them. Every row runs in the same
 processes, after distrib.init(), so all share its malloc setting (distrib/memory.py; DISTRIB_KEEP_MEMORY=0 for
@@ -131,10 +133,12 @@ def worker(out: Path, model_name: str, rounds: int, steps: int, only: list[str] 
     with breakdown.measuring(*comms.values()):
         for r in range(rounds):
             names = list(wrap)
-            for impl in names[r % len(names) :] + names[: r % len(names)]:
-                model = kept[impl] if impl in kept else wrap[impl](build(model_name))
-                optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-                for s in range(WARMUP + steps):
+            order = names[r % len(names) :] + names[: r % len(names)]
+            models = {impl: kept[impl] if impl in kept else wrap[impl](build(model_name)) for impl in order}
+            optimizers = {impl: torch.optim.SGD(model.parameters(), lr=1e-3) for impl, model in models.items()}
+            for s in range(WARMUP + steps):
+                for impl in order:
+                    model, optimizer = models[impl], optimizers[impl]
                     comm.barrier()
                     breakdown.take()
                     start = time.perf_counter()
@@ -145,8 +149,8 @@ def worker(out: Path, model_name: str, rounds: int, steps: int, only: list[str] 
                     if s >= WARMUP:
                         times[impl].append(float(took))
                         parts[impl].append(breakdown.take())
-                del model, optimizer
-                gc.collect()  # a DDP wrapper sits in reference cycles; free its buffers before the next one
+            del models, optimizers, model, optimizer
+            gc.collect()  # DDP wrappers sit in reference cycles; free their buffers before the next round's
     params = sum(p.numel() for p in build(model_name).parameters())
     alone = {TORCH: allreduce_ms(comms["gloo"], "native", params, steps)}
     # gloo first: torch's DDP keeps the gloo group, and its worker threads, alive into interpreter teardown, where
@@ -154,10 +158,10 @@ def worker(out: Path, model_name: str, rounds: int, steps: int, only: list[str] 
     for impl in sorted((i for i in wrap if i.startswith("distrib")), key=lambda i: " mpi " in i):
         _, backend, algorithm = impl.split()
         alone[impl] = allreduce_ms(comms[backend], algorithm, params, steps)
-    compute = statistics.median(times[PLAIN])
     rows = []
     for impl, samples in times.items():
         median = statistics.median(samples)
+        exposed = statistics.median(t - plain for t, plain in zip(samples, times[PLAIN]))  # steps taken in turn
         row = {
             "ranks": comm.size,
             "impl": impl,
@@ -168,8 +172,9 @@ def worker(out: Path, model_name: str, rounds: int, steps: int, only: list[str] 
             "min_ms": min(samples) * 1e3,
             "max_ms": max(samples) * 1e3,
             "samples_per_s": GLOBAL_BATCH[model_name] / median,
-            "exposed_comm_ms": (median - compute) * 1e3,
+            "exposed_comm_ms": exposed * 1e3,
             "allreduce_ms": alone.get(impl),
+            "steps_ms": [t * 1e3 for t in samples],  # in the order taken, step i beside every other row's step i
         }
         if impl.startswith("distrib"):  # every rank goes through the same rows, so the maxima meet
             row |= _breakdown(comm, parts[impl])

@@ -118,7 +118,7 @@ def test_ddp_benchmark_at_one_and_two_ranks(tmp_path):
 
 def test_ddp_benchmark_trains_the_gpt(tmp_path):  # the code of the 19.5M-parameter GPT, at the tiny size
     out, png = tmp_path / "ddp.json", tmp_path / "ddp.png"
-    args = ["--model", "gpt-tiny", "--ranks", "2", "--rounds", "1", "--steps", "1", "--impls", "distrib mpi ring"]
+    args = ["--model", "gpt-tiny", "--ranks", "2", "--rounds", "1", "--steps", "3", "--impls", "distrib mpi ring"]
     args += ["--runs", "2"]
     result = run([sys.executable, "-m", "benchmarks.ddp", *args, "--json", str(out), "--plot", str(png)], timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -135,6 +135,10 @@ def test_ddp_benchmark_trains_the_gpt(tmp_path):  # the code of the 19.5M-parame
         assert r["vs_plain"] == pytest.approx(r["median_ms"] / rows[0]["median_ms"]), r
         assert len(r["vs_plain_runs"]) == 2 and r["vs_plain_runs"][-1] == r["vs_plain"], r  # this run's is the last
         assert r["vs_torch_median"] == pytest.approx(statistics.median(r["vs_torch_runs"])), r
+        # exposed communication: steps paired with the no-communication steps taken beside them, not two medians
+        assert len(r["steps_ms"]) == 3 and r["median_ms"] == pytest.approx(statistics.median(r["steps_ms"])), r
+        paired = [t - plain for t, plain in zip(r["steps_ms"], rows[0]["steps_ms"])]
+        assert r["exposed_comm_ms"] == pytest.approx(statistics.median(paired)), r
 
 
 def test_zero_benchmark_cpu_adam_and_train_at_one_and_two_ranks(tmp_path):
