@@ -18,8 +18,9 @@ from mpi4py import MPI
 from distrib.comm.arrays import chunks, combine_
 from distrib.comm.regions import Regions
 
-# Per buffer: more than a core's 2 MiB L2, so the lines a peer read have left its cache before they are written again
-# (1 MiB pieces: every write waited on invalidating the peer's copy, about 2.5 GB/s from 16 MiB up).
+# Per buffer: more than a core's L2 (1-2 MiB on the VMs measured), so the lines a peer read have left its cache before
+# they are written again (1 MiB pieces: every write waited on invalidating the peer's copy, about 2.5 GB/s from 16 MiB
+# up; 1.4x ring's busbw at 64 MiB when the machine was quiet, 0.75x when it was not).
 PIECE_BYTES = 4 << 20
 BUFFERS = 3  # piece i+3 reuses piece i's buffers, when every rank has passed two more waits
 SMALL_BYTES = 64 << 10  # up to this size (any size at 2 ranks) every rank combines every slot: fewer steps
