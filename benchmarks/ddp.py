@@ -7,9 +7,9 @@ mpiexec -n N python -m benchmarks.ddp --worker ROWS.json    (one world size; tor
 Every implementation trains its own copy of the model from the same start; they take turns step by step (fresh
 models each round, the order rotating) so background load hits all alike. A step's time is the slowest rank's.
 Where the time goes: "no communication" (the plain module) is the compute; the exposed communication is the median,
-over the timed steps, of a step minus the no-communication step taken moments before or after it (a difference of
-two whole medians moved by tens of ms with this machine's state); allreduce_ms is one allreduce of all the
-gradients alone (84 MB, 78 MB), the communication to hide.
+over the timed steps, of a step minus the no-communication step taken moments before or after it (not the
+difference of the two rows' medians, which moved by tens of ms with this machine's state); allreduce_ms is one
+allreduce of all the gradients alone (84 MB, 78 MB), the communication to hide.
 vs_plain is a step over the no-communication step; --runs N repeats everything and reports each ratio's median
 over the runs (each ratio taken within its run), the rows of the last run beside them. Every row runs in the same
 processes, after distrib.init(), so all share its malloc setting (distrib/memory.py; DISTRIB_KEEP_MEMORY=0 for
