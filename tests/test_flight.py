@@ -135,6 +135,22 @@ def test_a_busy_peer_sends_its_stack_and_the_advice_fits(boards):
     assert "raise DISTRIB_TIMEOUT if it is only slow" in text and error.stuck_pids == (os.getpid(),)
 
 
+def test_a_peer_still_in_the_call_before_is_named_as_held_up_there_not_busy_elsewhere(boards):
+    zero, one = boards
+    call(zero, 1, 10)
+    zero.done(1)
+    call(one, 1, 10)  # rank 1 is still in call #1, which rank 0 finished: held up in turn, no stack to ask for
+    call(zero, 2, 10)
+    error = stuck.report(comm_of(zero, 2), "allreduce", [1])
+    text = str(error)
+    assert "rank 1 has not called it: it is still in call #1" in text and "which this rank finished" in text, text
+    assert "busy elsewhere" not in text and "Python stack" not in text and "raise DISTRIB_TIMEOUT" in text, text
+    one.give_up(1)  # its own wait in call #1 failed: it is ending, and its report names whom it waited for
+    text = str(stuck.report(comm_of(zero, 2), "allreduce", [1]))
+    assert "rank 1 has not called it: it gave up in call #1, which this rank finished" in text, text
+    assert "its own report names the rank(s) it waited for" in text and "DISTRIB_TIMEOUT" not in text, text
+
+
 def test_a_peer_that_does_not_answer_and_one_that_only_waits(boards):
     zero, one = boards
     call(zero, 1, 10)

@@ -17,7 +17,7 @@ from distrib.comm.flight import TICK, Board, Seen
 
 SILENT = 5 * TICK  # seconds without a heartbeat after which a rank counts as not answering
 STACK_WAIT = 3 * TICK  # seconds to wait for a busy rank's stack
-SLOW = ("busy", "waiting")  # the kinds of laggard a longer deadline would help
+SLOW = ("busy", "behind", "waiting")  # the kinds of laggard a longer deadline would help
 ADVICE = {
     "finished": "every rank must make the same collective calls, in the same order: one finished early",
     "other": "every rank must make the same collective calls, in the same order: these differ",
@@ -25,7 +25,9 @@ ADVICE = {
     "stopped": "a stopped rank (kill -STOP, a debugger, a suspended job) never answers: resume it (kill -CONT) or end "
     "the job",
     "silent": "a rank that does not answer is stuck outside Python (a C call holding the GIL) or lost with its host",
+    "gave up": "a rank that gave up in an earlier call is ending: its own report names the rank(s) it waited for",
     "busy": "raise DISTRIB_TIMEOUT if it is only slow",
+    "behind": "raise DISTRIB_TIMEOUT if it is only slow",
     "waiting": "raise DISTRIB_TIMEOUT if it is only slow",
 }
 
@@ -103,6 +105,11 @@ def _verdict(s: Seen, seq: int, fp: int | None, mine: int | None, theirs: str, n
     if s.entered < seq:
         if silent:
             return "silent", f"has not called it and has not answered for {now - s.heartbeat:.1f} s ({after})"
+        if s.done < s.entered:  # still in a call this rank finished: held up in turn, or its own wait failed there
+            if s.gave_up == s.entered:
+                return "gave up", f"has not called it: it gave up in call #{s.entered}, which this rank finished"
+            since = f" for {now - s.entered_at:.1f} s" if s.entered_at else ""
+            return "behind", f"has not called it: it is still in call #{s.entered}{since}, which this rank finished"
         return "busy", f"has not called it: it is alive, busy elsewhere {after} (its stack is below)"
     if s.entered > seq or s.done >= seq:
         return "ahead", f"is past it, in call #{s.entered}"
