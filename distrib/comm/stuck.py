@@ -26,9 +26,7 @@ ADVICE = {
     "the job",
     "silent": "a rank that does not answer is stuck outside Python (a C call holding the GIL) or lost with its host",
     "gave up": "a rank that gave up in an earlier call is ending: its own report names the rank(s) it waited for",
-    "busy": "raise DISTRIB_TIMEOUT if it is only slow",
-    "behind": "raise DISTRIB_TIMEOUT if it is only slow",
-    "waiting": "raise DISTRIB_TIMEOUT if it is only slow",
+    **dict.fromkeys(SLOW, "raise DISTRIB_TIMEOUT if it is only slow"),
 }
 
 
@@ -108,8 +106,10 @@ def _verdict(s: Seen, seq: int, fp: int | None, mine: int | None, theirs: str, n
         if s.done < s.entered:  # still in a call this rank finished: held up in turn, or its own wait failed there
             if s.gave_up == s.entered:
                 return "gave up", f"has not called it: it gave up in call #{s.entered}, which this rank finished"
-            since = f" for {now - s.entered_at:.1f} s" if s.entered_at else ""
-            return "behind", f"has not called it: it is still in call #{s.entered}{since}, which this rank finished"
+            return (
+                "behind",
+                f"has not called it: it is still in call #{s.entered}{_since(s, now)}, which this rank finished",
+            )
         return "busy", f"has not called it: it is alive, busy elsewhere {after} (its stack is below)"
     if s.entered > seq or s.done >= seq:
         return "ahead", f"is past it, in call #{s.entered}"
@@ -124,7 +124,7 @@ def _where(s: Seen, now: float) -> str:
     """One rank's line of the report: its call, and when it was last seen (times to within a recorder tick)."""
     line = f"rank {s.rank} (pid {s.pid}{'' if s.local else ', another host'}): "
     if s.entered > s.done:
-        line += f"in call #{s.entered} {s.current}" + (f" for {now - s.entered_at:.1f} s" if s.entered_at else "")
+        line += f"in call #{s.entered} {s.current}{_since(s, now)}"
     elif s.done:
         line += f"between calls: call #{s.done} {s.current} ended"
         line += f" {now - s.done_at:.1f} s ago" if s.done_at else ""
@@ -133,6 +133,11 @@ def _where(s: Seen, now: float) -> str:
     if s.closed:
         return line + f"; closed its communicator {now - s.closed:.1f} s ago"
     return line + f"; heartbeat {now - s.heartbeat:.1f} s ago"
+
+
+def _since(s: Seen, now: float) -> str:
+    """How long a rank has been in its current call (to a recorder tick), where its recorder has noted it."""
+    return f" for {now - s.entered_at:.1f} s" if s.entered_at else ""
 
 
 def _stacks(board: Board, ranks: list[int], stamp: int) -> list[str]:
