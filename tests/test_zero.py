@@ -112,6 +112,7 @@ def test_state_bytes(dtype, delay, per_param):
     """Two fp32 moments; a separate fp32 master and gradient copy unless fp32 CPU weights are updated in place."""
     model = make_model().to(dtype)
     opt = zero_opt(model, delay_update=delay)
+    model(torch.randn(2, 5, dtype=dtype)).sum().backward()
     opt.step()  # the master exists from the first step on
     assert opt.state_nbytes() == per_param * 58
 
@@ -284,3 +285,127 @@ def test_bad_state_dicts():
     consolidated["state"][2]["step"] = torch.tensor(5.0)
     with pytest.raises(ValueError, match=r"step counts differ across parameters \(\[1, 5\]\)"):
         opt.load_state_dict(consolidated)
+
+
+# Where torch.optim and one flat step part ways (zero/presence.py, zero/groups.py): torch's result, or a raise.
+
+
+def test_a_step_with_no_gradient_anywhere_changes_nothing_as_torchs():
+    model, reference = make_model(), make_model()
+    opt, torch_opt = zero_opt(model, lr=0.05), torch.optim.AdamW(reference.parameters(), lr=0.05)
+    for o in (opt, torch_opt):
+        o.step()  # before any backward: torch skips every parameter, weight decay included
+    assert_params_close(model, reference)
+    for step in range(3):
+        for m, o in ((model, opt), (reference, torch_opt)):
+            o.zero_grad()
+            o.step()  # zero_grad(set_to_none=True), then no backward: nothing to step again
+            loss(m, step).backward()
+            o.step()
+    assert_params_close(model, reference)  # the step counts agree too: bias correction is at step 3 in both
+
+
+def test_zero_grad_in_place_steps_a_parameter_without_a_gradient_as_torch():
+    """set_to_none=False: torch steps the unused parameter with a zero gradient (its moments decay, weights decay)."""
+    model, reference = make_model(), make_model()
+    opt, torch_opt = zero_opt(model, lr=0.05), torch.optim.AdamW(reference.parameters(), lr=0.05)
+    for step in range(4):
+        for m, o in ((model, opt), (reference, torch_opt)):
+            o.zero_grad(set_to_none=False)
+            out = m(torch.randn(8, 5, generator=torch.Generator().manual_seed(step)))
+            (m[0](torch.ones(1, 5)).sum() if step % 2 else out.sum()).backward()  # odd steps leave m[2] out
+            o.step()
+    assert_params_close(model, reference)
+
+
+def test_a_parameter_without_a_gradient_on_any_rank_is_refused():
+    model = make_model()
+    opt = zero_opt(model)
+    loss(model, 0).backward()
+    opt.step()
+    opt.zero_grad()
+    model[2].requires_grad_(False)  # frozen after the optimizer was built: torch would stop stepping it
+    loss(model, 1).backward()
+    with pytest.raises(RuntimeError, match=r"parameter\(s\) 2 \(2, 7\), 3 \(2,\) got no gradient on any rank.*"):
+        opt.step()
+
+
+def test_a_second_step_without_zero_grad_is_refused():
+    model = make_model()
+    opt = zero_opt(model)
+    loss(model, 0).backward()
+    opt.step()
+    loss(model, 1).backward()  # torch would step on both backwards' gradients
+    with pytest.raises(RuntimeError, match=r"step\(\) again with no zero_grad\(\) since the last step"):
+        opt.step()
+    opt.zero_grad()
+    loss(model, 1).backward()
+    opt.step()  # the fix
+
+
+def test_adam_without_w_decays_nothing_by_default_as_torchs():
+    model, reference = make_model(), make_model()
+    opt, torch_opt = zero_opt(model, lr=0.05, adamw=False), torch.optim.Adam(reference.parameters(), lr=0.05)
+    assert opt.param_groups[0]["weight_decay"] == torch_opt.param_groups[0]["weight_decay"] == 0
+    for step in range(3):
+        for m, o in ((model, opt), (reference, torch_opt)):
+            loss(m, step).backward()
+            o.step()
+            o.zero_grad()
+    assert_params_close(model, reference)
+
+
+@pytest.mark.parametrize(
+    "group,message",
+    [
+        ({"amsgrad": True}, r"amsgrad=True in a param group: ZeroOffloadOptimizer has no amsgrad; leave it out"),
+        ({"maximize": True}, r"maximize=True in a param group"),
+        ({"differentiable": True}, r"differentiable=True in a param group"),
+        ({"decoupled_weight_decay": False}, r"decoupled_weight_decay=False .* adamw=True; build it with adamw=False"),
+    ],
+)
+def test_settings_of_torchs_adam_that_zero_lacks_are_refused(group, message):
+    params = list(make_model().parameters())
+    with pytest.raises(ValueError, match=message):
+        ZeroOffloadOptimizer([{"params": params, **group}], comm=LocalCommunicator())
+    model = make_model()
+    opt = zero_opt(model)
+    opt.param_groups[0].update(group)  # set after construction: refused at the next step
+    loss(model, 0).backward()
+    with pytest.raises(ValueError, match=message):
+        opt.step()
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda ps: torch.optim.Adam(ps, weight_decay=0.1), r"decoupled_weight_decay=False .* adamw=True"),
+        (lambda ps: torch.optim.AdamW(ps, amsgrad=True), r"amsgrad=True in a param group"),
+        (lambda ps: torch.optim.AdamW(ps, maximize=True), r"maximize=True in a param group"),
+        (lambda ps: torch.optim.SGD(ps, lr=0.1), r"saved param group 0 has no betas, eps: not a state dict of Adam"),
+    ],
+    ids=["Adam", "amsgrad", "maximize", "SGD"],
+)
+def test_torch_state_dicts_zero_cannot_follow_are_refused(make, message):
+    model = make_model()
+    torch_opt = make(model.parameters())
+    loss(model, 0).backward()
+    torch_opt.step()
+    with pytest.raises(ValueError, match=message):
+        zero_opt(make_model()).load_state_dict(torch_opt.state_dict())
+
+
+def test_a_torch_state_dict_missing_a_parameters_entry_is_refused():
+    """torch.optim makes a parameter's state at its first gradient: one that never had one has no step count."""
+    model = make_model()
+    torch_opt = torch.optim.AdamW(model.parameters())
+    model[0](torch.ones(1, 5)).sum().backward()  # the second layer gets no gradient
+    torch_opt.step()
+    with pytest.raises(ValueError, match=r"no entry for parameter\(s\) \[2, 3\] .* step 1 for the others"):
+        zero_opt(make_model()).load_state_dict(torch_opt.state_dict())
+
+
+def test_an_empty_param_group_is_refused():
+    params = list(make_model().parameters())
+    with pytest.raises(ValueError, match=r"param group 1 has no parameters; .* leave it out"):
+        ZeroOffloadOptimizer([{"params": params}, {"params": []}], comm=LocalCommunicator())

@@ -9,8 +9,18 @@ HYPER = ("lr", "betas", "eps", "weight_decay")
 TORCH_GROUP = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False, "differentiable": False}
 
 
-def check_group(group: dict[str, Any]) -> None:
-    """torch.optim.AdamW's ranges, with the value and the fix in the message."""
+def check_group(group: dict[str, Any], adamw: bool) -> None:
+    """torch.optim.AdamW's ranges, and none of torch's settings that would change the step ignored; the value and
+    the fix in the message."""
+    for name in ("amsgrad", "maximize", "differentiable"):
+        if group.get(name):
+            raise ValueError(f"{name}=True in a param group: ZeroOffloadOptimizer has no {name}; leave it out")
+    decoupled = group.get("decoupled_weight_decay", adamw)
+    if bool(decoupled) != adamw:
+        raise ValueError(
+            f"decoupled_weight_decay={decoupled!r} in a param group, but the optimizer was built with adamw={adamw}; "
+            f"build it with adamw={bool(decoupled)} (Adam{'W' if decoupled else ''}'s weight decay)"
+        )
 
     def number(value: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0  # also rejects NaN
@@ -33,8 +43,12 @@ def groups_out(param_groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return groups
 
 
-def load_groups(param_groups: list[dict[str, Any]], saved: list[dict[str, Any]]) -> None:
+def load_groups(param_groups: list[dict[str, Any]], saved: list[dict[str, Any]], adamw: bool) -> None:
     """Take the saved groups' hyperparameters, once their sizes match these groups' and their values check."""
+    for g, old in enumerate(saved):
+        if missing := [k for k in HYPER if k not in old]:
+            raise ValueError(f"saved param group {g} has no {', '.join(missing)}: not a state dict of Adam or AdamW")
+        check_group(old, adamw)
     sizes, here = [len(g["params"]) for g in saved], [len(g["params"]) for g in param_groups]
     if sizes != here:
         raise ValueError(
@@ -42,6 +56,4 @@ def load_groups(param_groups: list[dict[str, Any]], saved: list[dict[str, Any]])
             "build the optimizer over the same model and groups as the one saved"
         )
     for group, old in zip(param_groups, saved):
-        new = {k: tuple(old[k]) if k == "betas" else old[k] for k in HYPER}
-        check_group(new)
-        group.update(new)
+        group.update({k: tuple(old[k]) if k == "betas" else old[k] for k in HYPER})

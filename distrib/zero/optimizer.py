@@ -21,8 +21,10 @@ from torch import Tensor
 from distrib.comm import Communicator
 from distrib.process import init
 from distrib.zero.cpu_adam import adam_groups_
-from distrib.zero.groups import TORCH_GROUP, check_group, groups_out, load_groups
-from distrib.zero.layout import FlatLayout, check_params, flatten_, gather, per_parameter, scatter_
+from distrib.zero.groups import check_group
+from distrib.zero.layout import FlatLayout, check_params, flatten_
+from distrib.zero.presence import Presence
+from distrib.zero.saving import StateDicts
 from distrib.zero.tiles import TILE_NUMEL, Offload, check_tile
 
 __all__ = ["ZeroOffloadOptimizer"]
@@ -30,16 +32,18 @@ __all__ = ["ZeroOffloadOptimizer"]
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-class ZeroOffloadOptimizer(torch.optim.Optimizer):
+class ZeroOffloadOptimizer(StateDicts, torch.optim.Optimizer):
     """Adam/AdamW for a plain (unwrapped) model, its state sharded over ranks and offloaded to the CPU.
 
     Use it like torch.optim.AdamW: ``loss.backward(); opt.step(); opt.zero_grad()``, and clip with
     ``opt.clip_grad_norm_(max_norm)`` between the last backward and step(). Gradients accumulate in ``.grad``
     over micro-batches; only step() communicates. ``delay_update=True`` (the ZeRO-Offload paper's DPU) runs the
     CPU step of step t in a thread while step t+1 computes: each gradient is then taken at parameters one update
-    older than without it, which changes the math; ``flush()`` applies the update still in flight. A parameter
-    that gets no gradient in a step is stepped with a zero one (torch.optim skips it). ``tile_numel``: elements
-    per tile of the offloaded step (None: the whole shard at once, no overlap of copies and CPU work).
+    older than without it, which changes the math; ``flush()`` applies the update still in flight. step() consumes
+    the gradients (``.grad`` reads zero after it); a step in which no parameter has a gradient is skipped, as
+    torch's; one in which only some have none, or a second step() with no zero_grad() between, raises
+    (presence.py). ``tile_numel``: elements per tile of the offloaded step (None: the whole shard at once, no
+    overlap of copies and CPU work). weight_decay defaults to AdamW's 0.01, or Adam's 0 with ``adamw=False``.
     """
 
     def __init__(
@@ -48,7 +52,7 @@ class ZeroOffloadOptimizer(torch.optim.Optimizer):
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
-        weight_decay: float = 1e-2,
+        weight_decay: float | None = None,
         adamw: bool = True,
         *,
         comm: Communicator | None = None,
@@ -60,11 +64,15 @@ class ZeroOffloadOptimizer(torch.optim.Optimizer):
         check_tile(tile_numel)
         if not params:
             raise ValueError("ZeroOffloadOptimizer got an empty parameter list; pass model.parameters()")
+        weight_decay = (1e-2 if adamw else 0.0) if weight_decay is None else weight_decay
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
-        for group in self.param_groups:
-            check_group(group)
+        for g, group in enumerate(self.param_groups):
+            if not group["params"]:
+                raise ValueError(f"param group {g} has no parameters; the flat layout needs one in each: leave it out")
+            check_group(group, adamw)
         self._params: list[Tensor] = [p for group in self.param_groups for p in group["params"]]
         check_params(self._params, DTYPES)
+        self._presence = Presence(self._params)
         self.comm = comm if comm is not None else init()
         self.algorithm, self.adamw, self.delay_update = algorithm, adamw, delay_update
         sizes = tuple(len(group["params"]) for group in self.param_groups)
@@ -89,8 +97,9 @@ class ZeroOffloadOptimizer(torch.optim.Optimizer):
         # hooks hold only the event, never the optimizer and its state.
         self._dirty = threading.Event()
         self._dirty.set()  # gradients present before construction were copied in
-        for p in self._params:
+        for i, p in enumerate(self._params):
             p.register_post_accumulate_grad_hook(lambda _, dirty=self._dirty: dirty.set())
+            p.register_post_accumulate_grad_hook(self._presence.hook(i))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if hasattr(self, "layout"):
@@ -104,7 +113,11 @@ class ZeroOffloadOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for group in self.param_groups:  # settings changed since construction, by hand or by a scheduler
+            check_group(group, self.adamw)
         grad = self._reduce()
+        if grad is None:  # no gradient anywhere: torch's step would change nothing
+            return loss
         self._wait()  # delay_update: the previous CPU step is done with the CPU buffers
         master = self._master_shard()
         self._steps += 1
@@ -122,6 +135,7 @@ class ZeroOffloadOptimizer(torch.optim.Optimizer):
             offload.download(grad)  # the CPU step takes it from there while the next step computes
         self._flat_grad.zero_()  # the reduce-scatter left scratch there; the next backward adds to zeros
         self._dirty.clear()
+        self._presence.consume()
         self._publish()  # delay_update: the previous step's weights
         if self._worker is not None:
             self._pending = self._worker.submit(self._cpu_step, master, offload.grad, steps, hyper)
@@ -141,6 +155,8 @@ class ZeroOffloadOptimizer(torch.optim.Optimizer):
         if not norm_type > 0:
             raise ValueError(f"norm_type must be > 0 (2.0 for the Euclidean norm, inf for the max), got {norm_type!r}")
         shard = self._reduce()
+        if shard is None:  # no gradients: torch's norm of none
+            return torch.zeros(())
         part = shard.float().abs()
         if math.isinf(norm_type):
             total = self.comm.allreduce(part.max().reshape(1), op="max", algorithm=self.algorithm)[0]
@@ -158,57 +174,12 @@ class ZeroOffloadOptimizer(torch.optim.Optimizer):
         for p, grad in zip(self._params, self._grads):
             p.grad = grad
         self._reduced = None
+        self._presence.cleared(set_to_none)
 
     def flush(self) -> None:
         """Finish a delayed CPU step and write it into the parameters (delay_update=True); else a no-op."""
         self._wait()
         self._publish()
-
-    def state_dict(self) -> dict[str, Any]:
-        """This rank's shard of the state; loads back only at the same rank and world size (like torch: live tensors).
-
-        consolidated_state_dict() gives the form that loads at any world size and into torch.optim.AdamW.
-        """
-        self._wait()
-        meta = {"world_size": self.comm.size, "rank": self.comm.rank, "step": self._steps}
-        meta["shapes"] = [tuple(s) for s in self.layout.shapes]
-        state = {"master": self._master_shard(), "exp_avg": self._exp_avg, "exp_avg_sq": self._exp_avg_sq}
-        return {"zero": meta, "state": state, "param_groups": groups_out(self.param_groups)}
-
-    def consolidated_state_dict(self) -> dict[str, Any] | None:
-        """The whole state in torch.optim.AdamW's format, on rank 0 (None elsewhere); every rank must call it.
-
-        A bf16/fp16 model's fp32 master weights ride along as state key "master" (torch keeps it as it is).
-        """
-        self._wait()
-        names = {"exp_avg": self._exp_avg, "exp_avg_sq": self._exp_avg_sq}
-        if self._flat.dtype != torch.float32:
-            names["master"] = self._master_shard()
-        # Through the communicator's device (NCCL's GPU, else the CPU): every rank briefly holds the whole.
-        full = {
-            name: gather(self.comm, self.layout, s.to(self.comm.device), self.algorithm) for name, s in names.items()
-        }
-        if self.comm.rank != 0:
-            return None
-        step = torch.tensor(float(self._steps))
-        state = {i: {"step": step.clone(), **{k: v[i] for k, v in full.items()}} for i in range(len(self._params))}
-        groups = [{**TORCH_GROUP, "decoupled_weight_decay": self.adamw, **g} for g in groups_out(self.param_groups)]
-        return {"state": state if self._steps else {}, "param_groups": groups}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load state_dict() at the same rank and world size, or consolidated_state_dict() (or AdamW's) at any.
-
-        Every rank passes the whole consolidated dict. Load the model's weights too: the parameters are not
-        gathered here.
-        """
-        self._wait()
-        load_groups(self.param_groups, state_dict["param_groups"])
-        if "zero" in state_dict:
-            self._load_sharded(state_dict["zero"], state_dict["state"])
-        else:
-            self._load_consolidated(state_dict["state"])
-        # A delayed run saves its master one update ahead of its model: the next step publishes it first.
-        self._unpublished = self._worker is not None and self._master is not None and self._steps > 0
 
     def state_nbytes(self) -> int:
         """Bytes of optimizer state this rank holds on the CPU: moments, separate master, staging buffers."""
@@ -218,9 +189,12 @@ class ZeroOffloadOptimizer(torch.optim.Optimizer):
 
     # The steps of a step.
 
-    def _reduce(self) -> Tensor:
-        """This step's gradient shard averaged over ranks, reduce-scattered on first use."""
+    def _reduce(self) -> Tensor | None:
+        """This step's gradient shard averaged over ranks, reduce-scattered on first use; None if no parameter has a
+        gradient on any rank."""
         if self._reduced is None:
+            if not self._presence.check(self.comm, self._params, self._grads):
+                return None
             for i, (p, view, grad) in enumerate(zip(self._params, self._views, self._grads)):
                 if p.data_ptr() != view.data_ptr():
                     raise RuntimeError(
@@ -263,32 +237,3 @@ class ZeroOffloadOptimizer(torch.optim.Optimizer):
             pinned = self._own.is_cuda  # the master is an upload's source
             self._master = torch.zeros(self._own.numel(), pin_memory=pinned).copy_(self._own)
         return self._master
-
-    # Checkpoints.
-
-    def _load_sharded(self, meta: dict[str, Any], state: dict[str, Tensor]) -> None:
-        here = {"world_size": self.comm.size, "rank": self.comm.rank, "shapes": [tuple(s) for s in self.layout.shapes]}
-        if any(meta[k] != v for k, v in here.items()):
-            raise ValueError(
-                f"this sharded state was saved by rank {meta['rank']} of {meta['world_size']} for "
-                f"{len(meta['shapes'])} parameters; this is rank {self.comm.rank} of {self.comm.size} with "
-                f"{len(self._params)}. A sharded state loads only where it was saved: save "
-                "consolidated_state_dict() to change the world size"
-            )
-        self._master_shard().copy_(state["master"])
-        self._exp_avg.copy_(state["exp_avg"])
-        self._exp_avg_sq.copy_(state["exp_avg_sq"])
-        self._steps = meta["step"]
-
-    def _load_consolidated(self, state: dict[int, dict[str, Tensor]]) -> None:
-        steps = {int(entry["step"]) for entry in state.values()}
-        if len(steps) > 1:
-            raise ValueError(f"the saved step counts differ across parameters ({sorted(steps)}); ZeRO keeps one")
-        self._steps = steps.pop() if steps else 0
-        targets = {"exp_avg": self._exp_avg.zero_(), "exp_avg_sq": self._exp_avg_sq.zero_()}
-        if any("master" in entry for entry in state.values()):  # those without one keep their current weights
-            targets["master"] = self._master_shard().copy_(self._own)
-        elif self._master is not self._own:
-            self._master = None  # read from the parameters at the next step, whenever the model is loaded
-        for name, mine in targets.items():
-            scatter_(self.layout, self.comm.rank, per_parameter(state, name, self.layout.shapes), mine)

@@ -278,3 +278,30 @@ def test_half_precision_model_follows_the_fp32_master_reference(comm, dtype):
     assert flat(reference).abs().max() < 0.5
     assert error <= tolerance, (error, tolerance)  # bf16 at 4 ranks: one ulp, from averaging bf16 gradients
     assert not no_master_error <= tolerance, (no_master_error, tolerance)  # far off, or NaN (fp16: eps underflows)
+
+
+def test_a_parameter_with_a_gradient_on_one_rank_only_is_stepped_and_one_with_none_anywhere_refused(comm):
+    """Whether a parameter has a gradient is decided over all ranks: torch's rule for the averaged gradient."""
+    model = make_model(1)
+    extra = nn.Parameter(torch.ones(3))
+    opt = ZeroOffloadOptimizer([*model.parameters(), extra], lr=LR, comm=comm)
+    reference, ref_extra = make_model(1), nn.Parameter(torch.ones(3))
+    ref_opt = torch.optim.AdamW([*reference.parameters(), ref_extra], lr=LR)
+    for step in range(3):
+        x, y = batch(step)
+        backward(model, mine(comm, x), mine(comm, y))
+        if comm.rank == comm.size - 1:  # the last rank alone uses it: its gradient averages to 1/size
+            (extra * torch.arange(3.0)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+        backward(reference, x, y)
+        (ref_extra * torch.arange(3.0) / comm.size).sum().backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+    torch.testing.assert_close(flat(model), flat(reference), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(extra.detach(), ref_extra.detach(), rtol=1e-5, atol=1e-6)
+    x, y = batch(3)
+    backward(model, mine(comm, x), mine(comm, y))  # extra gets no gradient on any rank now
+    with pytest.raises(RuntimeError, match=r"parameter\(s\) 4 \(3,\) got no gradient on any rank"):
+        opt.step()
+    assert comm.allreduce(torch.ones(1))[0] == comm.size  # every rank raised at the same call: none hangs
