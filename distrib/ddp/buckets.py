@@ -141,7 +141,9 @@ class Bucket:
             view.copy_(result)
         if self.installed(i):
             return
-        if as_view:
+        if view.dtype != param.dtype:  # the module converted after wrapping (.double()): as torch, the bucket keeps
+            param.grad = view.to(param.dtype) if param.grad is None else param.grad.copy_(view)  # its dtype
+        elif as_view:
             param.grad = view
         elif param.grad is not None and (param.grad.requires_grad or not param.is_contiguous()):
             param.grad.copy_(view)  # a differentiable gradient (create_graph), or one laid out as its parameter

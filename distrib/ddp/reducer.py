@@ -158,11 +158,11 @@ class Reducer:
     def autograd_hook(self, i: int) -> None:
         """Parameter i's gradient has been accumulated (or is undefined: an output not used in the loss)."""
         if (self.dynamic or self.static_first) and self.params[i].grad is not None:
-            self.local_used[i] = 1
+            self.local_used[i] = 1  # inside no_sync() too: used once in the accumulation is used (torch's)
+        if not self.expect_hooks:  # no_sync(): this backward reduces nothing, and is no static graph's first
+            return
         if self.static_first:
             self.hook_counts[i] += 1
-            return
-        if not self.expect_hooks:
             return
         if (self.dynamic or self.static_graph) and not self.marked_unused:
             self.marked_unused = True

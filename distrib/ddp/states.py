@@ -83,7 +83,7 @@ def broadcast_(comm: Communicator, tensors: Sequence[torch.Tensor], root: int = 
         flat = torch.empty(offsets[-1], dtype=torch.uint8, device=device)
         with torch.no_grad():
             for t, start, n in zip(group, offsets, nbytes):
-                flat[start : start + n].copy_(t.detach().reshape(-1).view(torch.uint8))
+                flat[start : start + n].copy_(t.detach().contiguous().view(-1).view(torch.uint8))  # t[::2] too
             comm.broadcast(flat, root)
             if comm.rank != root:
                 with torch.autograd._unsafe_preserve_version_counter(tuple(group)):

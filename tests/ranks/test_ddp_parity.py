@@ -292,6 +292,25 @@ def test_static_graph_set_after_training_starts(comm):
     parity(scenario)
 
 
+def test_static_graph_whose_first_backward_is_inside_no_sync(comm):
+    """Accumulation from the very first step: the no_sync() backward is not the static graph's first iteration.
+    torch fails here with an internal assert, so the reference is torch's DDP without a static graph."""
+
+    def scenario(ddp, static):
+        model = ddp(Net(), **({"static_graph": True} if static else {}))
+        out = []
+        for _ in range(3):
+            with model.no_sync():
+                model(torch.randn(2, 2) + rank()).pow(2).sum().backward()
+            out.append(grads(model))
+            model(torch.randn(2, 2) - rank()).pow(2).sum().backward()
+            out.append(grads(model))
+            model.zero_grad()
+        return out
+
+    assert_same(outcome(lambda ddp: scenario(ddp, False), TorchDDP), outcome(lambda ddp: scenario(ddp, True), OURS))
+
+
 @pytest.mark.parametrize("pattern", [(False, True), (True, False, False)], ids=["unused-then-used", "used-then-unused"])
 def test_static_graph_that_changes(comm, pattern):
     def scenario(ddp):
@@ -1098,6 +1117,42 @@ def test_gradients_laid_out_as_their_parameters(comm, as_view, cap):
         return seen
 
     parity(scenario)
+
+
+class Strided(nn.Module):
+    """A parameter and a buffer that are strided slices of larger tensors (not dense): the broadcasts at
+    construction and before each forward must not view them as flat bytes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 4).t())  # dense, not contiguous
+        self.b = nn.Parameter(torch.randn(6)[::2])
+        self.register_buffer("scale", (torch.arange(6.0) + rank())[::2])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.w + self.b) * self.scale
+
+
+@pytest.mark.parametrize("as_view", [False, True], ids=["copy", "view"])
+def test_strided_parameters_and_buffers(comm, as_view):
+    parity(
+        lambda ddp: train(
+            ddp(Strided(), gradient_as_bucket_view=as_view), 3, lambda step: (torch.randn(5, 4) + rank(),)
+        )
+    )
+
+
+def test_a_module_converted_after_wrapping_trains_as_one_converted_before(comm):
+    """ddp.double() after wrapping: the buckets keep float32, as torch's, and .grad is float64. (torch's own DDP
+    returns unaveraged gradients there, so the reference is torch's DDP over a model converted before.)"""
+
+    def scenario(ddp, after):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+        model = ddp(net).double() if after else ddp(net.double())
+        return train(model, 3, lambda step: (torch.randn(5, 4, dtype=torch.float64) + rank(),))
+
+    assert_same(scenario(TorchDDP, after=False), scenario(OURS, after=True))
 
 
 class Parametrized(nn.Module):
