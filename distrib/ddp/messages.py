@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -68,7 +69,14 @@ _CREATE_GRAPH = (
     "require  DDP to work with higher-order gradients for your use case,  please ping "
     "https://github.com/pytorch/pytorch/issues/63929"
 )
-_warned = {"create_graph": False}
+_NO_UNUSED = (
+    "find_unused_parameters=True was specified in DDP constructor, but did not find any unused parameters in the "
+    "forward pass. This flag results in an extra traversal of the autograd graph every iteration,  which can "
+    "adversely affect performance. If your model indeed never has any unused parameters in the forward pass, "
+    "consider turning this flag off. Note that this warning may be a false positive if your model has flow control "
+    "causing later iterations to have unused parameters."
+)
+_warned = {"create_graph": False, "no_unused": False}
 
 
 def _debug() -> bool:
@@ -112,3 +120,10 @@ def warn_create_graph() -> None:
     if not _warned["create_graph"]:
         _warned["create_graph"] = True
         log.warning(_CREATE_GRAPH)
+
+
+def warn_no_unused() -> None:
+    """torch's warning, once a process, when searching the graph found every parameter used."""
+    if not _warned["no_unused"]:
+        _warned["no_unused"] = True
+        warnings.warn(_NO_UNUSED, UserWarning, stacklevel=2)

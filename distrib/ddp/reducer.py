@@ -152,6 +152,8 @@ class Reducer:
             self._left = list(self.hook_counts)
         if self.dynamic:
             self.unused = unused or []
+            if not self.unused:
+                messages.warn_no_unused()
 
     # Backward.
 

@@ -15,17 +15,23 @@ _FIX = " Build the same model on every rank: the same parameters, shapes and ord
 
 
 def reducer_parameters(module: nn.Module, ignored: set[str]) -> tuple[list[nn.Parameter], list[str], list[bool]]:
-    """The parameters DDP reduces, each once, with its name and whether its gradient is sparse (an nn.Embedding's
-    or nn.EmbeddingBag's with sparse=True): trainable and not ignored, in module order (torch's)."""
-    params, names, sparse, seen = [], [], [], set()
+    """The parameters DDP reduces, each once, with its name in torch's messages and whether its gradient is sparse
+    (an nn.Embedding's or nn.EmbeddingBag's with sparse=True): trainable and not ignored, in module order (torch's).
+
+    A name is torch's debug name: "module.param", ".param" at the root, and a shared parameter's last one."""
+    params, sparse, index = [], [], {}
     for module_name, child in module.named_modules():
         for name, p in child.named_parameters(recurse=False):
             fqn = f"{module_name}.{name}" if module_name else name
-            if p.requires_grad and fqn not in ignored and id(p) not in seen:
-                seen.add(id(p))
+            if p.requires_grad and fqn not in ignored and id(p) not in index:
+                index[id(p)] = len(params)
                 params.append(p)
-                names.append(fqn)
                 sparse.append(isinstance(child, (nn.Embedding, nn.EmbeddingBag)) and child.sparse)
+    names = [""] * len(params)
+    for module_name, child in module.named_modules():
+        for name, p in child.named_parameters(recurse=False):
+            if id(p) in index:
+                names[index[id(p)]] = f"{module_name}.{name}"
     return params, names, sparse
 
 

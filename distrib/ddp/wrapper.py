@@ -129,7 +129,6 @@ class DistributedDataParallel(Joining, TorchDDP):
         if init_sync:
             check_same_model(self.comm, params, self.comm.rank)
             broadcast_(self.comm, synced_state(module, ignored, init_sync_buffers))
-        self._names = names
         self.reducer = Reducer(
             self.comm, params, names, first_cap=first_cap, cap=self.bucket_bytes_cap,
             algorithm=self.comm.check_algorithm(algorithm or self.comm.algorithm), grad_as_view=gradient_as_bucket_view,

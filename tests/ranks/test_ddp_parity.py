@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 import distrib
 from distrib import hooks
+from distrib.ddp import messages
 
 pytestmark = pytest.mark.mpi  # pytest-mpi's mark: `mpiexec -n N python -m pytest --with-mpi tests/ranks`
 OURS = distrib.DistributedDataParallel
@@ -224,6 +225,57 @@ def test_unreduced_parameters_are_reported_at_the_next_forward(comm, find_unused
     finally:
         monkeypatch.undo()
         dist.set_debug_level_from_env()
+
+
+class RootParameter(nn.Module):
+    """A parameter of the root module itself: torch's messages name it ".extra"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 2)
+        self.extra = nn.Parameter(torch.ones(2))
+
+    def forward(self, x: torch.Tensor, use: bool = True) -> torch.Tensor:
+        return self.layer(x) * (self.extra if use else 1)
+
+
+@pytest.mark.parametrize("case", ["marked-twice", "unfinished"])
+def test_a_root_parameter_is_named_in_errors_as_torch_names_it(comm, case, monkeypatch):
+    monkeypatch.setenv("TORCH_DISTRIBUTED_DEBUG", "INFO")
+    dist.set_debug_level_from_env()
+
+    def scenario(ddp):
+        module = RootParameter()
+        model = ddp(module, find_unused_parameters=case == "marked-twice")
+        if case == "marked-twice":  # unused in forward, then used outside it: its hook fires after being marked
+            (model(torch.randn(3, 4), use=False) * module.extra).sum().backward()
+        else:
+            model(torch.randn(3, 4), use=False).sum().backward()
+            model(torch.randn(3, 4))
+
+    try:
+        parity(scenario)
+    finally:
+        monkeypatch.undo()
+        dist.set_debug_level_from_env()
+
+
+def test_searching_for_unused_parameters_and_finding_none_warns_once(comm, monkeypatch):
+    """torch's warning, in its words, once a process (torch's is TORCH_WARN_ONCE); not when one is unused."""
+
+    def warned(use: bool, times: int) -> list[str]:
+        monkeypatch.setitem(messages._warned, "no_unused", False)
+        model = OURS(RootParameter(), find_unused_parameters=True)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(times):
+                model(torch.randn(2, 4), use=use).sum().backward()
+        return [str(w.message) for w in caught if issubclass(w.category, UserWarning) and "unused" in str(w.message)]
+
+    said = warned(use=True, times=2)
+    assert said == [messages._NO_UNUSED], said
+    assert said[0].startswith("find_unused_parameters=True was specified in DDP constructor, but did not find any")
+    assert warned(use=False, times=2) == []
 
 
 def test_parameter_used_on_some_ranks_only(comm):
