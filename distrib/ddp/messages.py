@@ -77,6 +77,10 @@ _NO_UNUSED = (
     "causing later iterations to have unused parameters."
 )
 _warned = {"create_graph": False, "no_unused": False}
+# The dtype names torch's logging data gives (c10's TypeMeta names).
+TYPE_NAMES = {torch.float32: "float", torch.float64: "double", torch.float16: "c10::Half",
+              torch.bfloat16: "c10::BFloat16", torch.complex64: "c10::complex<float>",
+              torch.complex128: "c10::complex<double>"}  # fmt: skip
 
 
 def _debug() -> bool:

@@ -97,7 +97,8 @@ class DistributedDataParallel(Joining, TorchDDP):
         if given or skip_all_reduce_unused_params:
             name = next(iter(given), "skip_all_reduce_unused_params")
             raise NotImplementedError(f"distrib's DistributedDataParallel does not support {name}; leave it unset")
-        self._logging: dict[str, Any] = {}
+        self._logging: dict[str, Any] = {"iteration": 0}
+        self._sample_rate = 100  # torch's: runtime stats every 100th iteration, after the first 10
         self.comm = communicator(comm, process_group)
         self.process_group = self.comm.process_group  # torch's own utilities (Join) need one; None where none
         ignored = set(getattr(module, "_ddp_params_and_buffers_to_ignore", ()))
@@ -137,6 +138,7 @@ class DistributedDataParallel(Joining, TorchDDP):
         self._register_hooks()
         self._comm_hooks: list[tuple[Callable, Any]] = []
         self._has_rebuilt_buckets = False
+        self._logging["bucket_sizes"] = _sizes(self.reducer.buckets)  # the buckets at construction, as torch logs
         self._static_graph_delay_allreduce_enqueued = False
         self._divide_by_initial_world_size = True
         self._authoritative_rank: int | None = None
@@ -164,6 +166,7 @@ class DistributedDataParallel(Joining, TorchDDP):
     def _pre_forward(self, *inputs: Any, **kwargs: Any) -> tuple[Any, Any]:
         grad = torch.is_grad_enabled()
         if grad and self.require_backward_grad_sync:
+            self._log_runtime_stats()
             self.reducer.prepare_for_forward()
         work = Join.notify_join_context(self)  # in a join context: "this rank still trains"
         if work:
@@ -355,22 +358,38 @@ class DistributedDataParallel(Joining, TorchDDP):
         params = self.reducer.params
         return {
             "world_size": self.comm.size, "rank": self.comm.rank, "module_name": type(self.module).__name__,
-            "backend_name": self.comm.backend, "iteration": self.reducer.num_iterations, "device_ids": "",
+            "backend_name": self.comm.backend, "device_ids": "",
             "output_device": -1, "broadcast_buffers": int(self.forward_sync_buffers),
             "bucket_cap_bytes": self.bucket_bytes_cap, "find_unused_parameters": int(self.find_unused_parameters),
             "gradient_as_bucket_view": int(self.gradient_as_bucket_view),
             "is_multi_device_module": int(self.is_multi_device_module), "num_parameter_tensors": len(params),
             "total_parameter_size_bytes": sum(p.numel() * p.element_size() for p in params),
-            "dtypes": ", ".join(sorted({str(p.dtype).removeprefix("torch.") for p in params})),
-            "bucket_sizes": ", ".join(str(b.flat.numel() * b.flat.element_size()) for b in self.reducer.buckets),
-            "has_rebuilt_buckets": int(self._has_rebuilt_buckets), "has_error": int("error" in self._logging),
+            "dtypes": ", ".join(sorted({messages.TYPE_NAMES.get(p.dtype, str(p.dtype)) for p in params})),
+            "has_error": int("error" in self._logging),
             **self._logging,
         }  # fmt: skip
+
+    def _log_runtime_stats(self) -> None:
+        """torch's logger, before a forward: at sampled iterations, the one just done and the rebuilt buckets."""
+        done = self.reducer.num_iterations
+        if done and (done <= 10 or done % self._sample_rate == 0):
+            self._logging |= {"iteration": done, "has_rebuilt_buckets": int(self._has_rebuilt_buckets)}
+            if self._has_rebuilt_buckets:
+                self._logging["rebuilt_bucket_sizes"] = _sizes(self.reducer.buckets)
+
+    def _set_ddp_runtime_logging_sample_rate(self, sample_rate: int) -> None:
+        if sample_rate < 1:
+            raise ValueError("DDP runtime logging sample rate should be equal or greater than 1")
+        self._sample_rate = sample_rate
 
     def _throw(self, kind: type[Exception], message: str) -> None:
         """Raise, and keep the message where torch's logging data keeps it."""
         self._logging["error"] = message
         raise kind(message)
+
+
+def _sizes(buckets: Sequence[Any]) -> str:
+    return ", ".join(str(b.flat.numel() * b.flat.element_size()) for b in buckets)
 
 
 def _hook(ddp: weakref.ref, i: int, param: torch.Tensor) -> None:
@@ -390,11 +409,11 @@ def _remove(handles: list) -> None:
 # torch's DDP methods that work on its own reducer and state, which distrib's subclass does not have: each refuses,
 # naming itself, instead of failing deep inside torch's code.
 _TORCH_INTERNALS = (
-    "_update_process_group", "_set_sparse_metadata", "_set_ddp_sink_clone", "_set_ddp_runtime_logging_sample_rate",
-    "_setup_in_backward_optimizers", "_register_accum_grad_hook", "_register_delay_all_reduce_hook",
-    "_delayed_all_reduce_hook", "_fire_reducer_autograd_hook", "_match_all_reduce_for_bwd_pass",
-    "_match_unused_params_allreduce", "_check_global_requires_backward_grad_sync", "_check_and_sync_module_buffers",
-    "_check_sync_bufs_pre_fwd", "_check_sync_bufs_post_fwd", "_sync_module_buffers", "_default_broadcast_coalesced",
+    "_update_process_group", "_set_sparse_metadata", "_set_ddp_sink_clone", "_setup_in_backward_optimizers",
+    "_register_accum_grad_hook", "_register_delay_all_reduce_hook", "_delayed_all_reduce_hook",
+    "_fire_reducer_autograd_hook", "_match_all_reduce_for_bwd_pass", "_match_unused_params_allreduce",
+    "_check_global_requires_backward_grad_sync", "_check_and_sync_module_buffers", "_check_sync_bufs_pre_fwd",
+    "_check_sync_bufs_post_fwd", "_sync_module_buffers", "_default_broadcast_coalesced",
     "_distributed_broadcast_coalesced", "_find_common_rank", "_lazy_init", "_run_ddp_forward", "_ddp_init_helper",
     "_build_params_for_reducer", "_assign_modules_buffers", "_build_debug_param_to_name_mapping", "_log_and_throw",
     "_check_default_group", "_get_parameters", "_root_copy_hook", "_module_wait_for_copy_hook", "_clear_grad_buffer",

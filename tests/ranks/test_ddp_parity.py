@@ -1207,6 +1207,39 @@ def test_a_module_converted_after_wrapping_trains_as_one_converted_before(comm):
     assert_same(scenario(TorchDDP, after=False), scenario(OURS, after=True))
 
 
+LOGGED = ("world_size", "rank", "module_name", "device_ids", "output_device", "broadcast_buffers", "bucket_cap_bytes",
+          "find_unused_parameters", "gradient_as_bucket_view", "iteration", "dtypes", "total_parameter_size_bytes",
+          "num_parameter_tensors", "bucket_sizes", "has_rebuilt_buckets", "is_multi_device_module")  # fmt: skip
+
+
+class Cast(nn.Module):
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.dtype)
+
+
+def test_logging_data(comm):
+    """The fields of torch's _get_ddp_logging_data that distrib keeps, iteration by iteration (torch's test reads
+    them: test_ddp_logging_data_cpu); "iteration" is the last sampled one."""
+
+    def scenario(ddp):
+        model = ddp(nn.Sequential(nn.Linear(3, 4).double(), Cast(torch.float32), nn.Linear(4, 2)), bucket_cap_mb=0.0001)
+        model._set_ddp_runtime_logging_sample_rate(3)
+        seen = []
+        for _ in range(14):
+            data = model._get_ddp_logging_data()
+            seen.append({k: data.get(k) for k in LOGGED})
+            model(torch.randn(2, 3, dtype=torch.float64) + rank()).sum().backward()
+        return seen
+
+    parity(scenario)
+    with pytest.raises(ValueError, match="DDP runtime logging sample rate should be equal or greater than 1"):
+        OURS(nn.Linear(2, 2))._set_ddp_runtime_logging_sample_rate(0)
+
+
 class Parametrized(nn.Module):
     """Parameters reached otherwise: weight and spectral norm's parametrizations (spectral norm's power-iteration
     buffers change in every forward), a ParameterList and a ParameterDict, a list of outputs."""
