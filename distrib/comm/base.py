@@ -9,7 +9,6 @@ in algorithms.TABLE, asynchronous handles from the engine thread, and around eve
 
 from __future__ import annotations
 
-import pickle
 import time
 from collections.abc import Callable, Mapping
 from functools import partial
@@ -17,9 +16,9 @@ from typing import Any
 
 import torch
 
-from distrib.comm import sparse, stuck, verify
+from distrib.comm import contract, sparse, stuck, verify
 from distrib.comm.algorithms import ALGORITHMS, TABLE
-from distrib.comm.contract import CollectiveTimeout, check_timeout, env_timeout, real
+from distrib.comm.contract import CollectiveError, CollectiveTimeout, real
 from distrib.comm.engine import Engine, Handle, observed
 from distrib.comm.flight import Board, open_board
 from distrib.comm.kinds import Kind, algorithm_of, kind_of, reduce_
@@ -35,9 +34,8 @@ class Communicator(Transport):
     def __init__(self, rank: int, size: int, *, timeout: float | None = None, algorithm: str = "native") -> None:
         self.rank = rank
         self.size = size
-        self.timeout = (
-            env_timeout() if timeout is None else check_timeout(timeout, f"{type(self).__name__}(timeout={{!r}})")
-        )
+        source = f"{type(self).__name__}(timeout={{!r}})"
+        self.timeout = contract.env_timeout() if timeout is None else contract.check_timeout(timeout, source)
         self.algorithm = self.check_algorithm(algorithm)
         self.device = torch.device("cpu")  # where object collectives stage their bytes
         self.verify = verify.mode_from_env()  # the check that ranks make the same call: verify.MODES
@@ -53,6 +51,7 @@ class Communicator(Transport):
         self._topology: Topology | None = None  # which ranks share a host, found on first need (_hosts)
         self._groups: dict[Topology, tuple[Communicator, Communicator]] = {}  # the hierarchical algorithm's splits
         self._kinds: dict[Any, Kind] = {}  # the kinds of call seen (kinds.py)
+        self._unusable: str | None = None  # why no call may be made any more: one timed out, or closed
 
     @property
     def blocked_seconds(self) -> float:
@@ -65,13 +64,15 @@ class Communicator(Transport):
     # Point-to-point, and the public collectives.
 
     def send(self, t: torch.Tensor, dst: int) -> None:
-        self.wait_all(self.post(sends=[(t, dst)]), "send")
+        self.wait_all(self.post(sends=[(contract.check_peer(self, t, dst, "send"), dst)]), "send")
 
     def recv(self, t: torch.Tensor, src: int) -> None:
-        self.wait_all(self.post(recvs=[(t, src)]), "recv")
+        self.wait_all(self.post(recvs=[(contract.check_peer(self, t, src, "recv"), src)]), "recv")
 
     def sendrecv(self, send: torch.Tensor, dst: int, recv: torch.Tensor, src: int) -> None:
-        self.wait_all(self.post(sends=[(send, dst)], recvs=[(recv, src)]), "sendrecv")
+        sends = [(contract.check_peer(self, send, dst, "sendrecv"), dst)]
+        recvs = [(contract.check_peer(self, recv, src, "sendrecv"), src)]
+        self.wait_all(self.post(sends=sends, recvs=recvs), "sendrecv")
 
     def allreduce(
         self,
@@ -183,8 +184,7 @@ class Communicator(Transport):
     ) -> torch.Tensor | Handle:
         """Copy rank `root`'s `t` into every rank's `t`, in place."""
         kind = kind_of(self, "broadcast", t, f"root {root}", "", label, {"root": root})
-        if not 0 <= root < self.size:
-            raise ValueError(f"broadcast root {root} is not a rank of a world of size {self.size}")
+        contract.check_root(root, self.size, "broadcast")
 
         def job() -> torch.Tensor:
             if self.size == 1 or t.numel() == 0:
@@ -207,6 +207,7 @@ class Communicator(Transport):
 
     def broadcast_object(self, obj: Any, root: int = 0) -> Any:
         """Rank `root`'s picklable `obj`, on every rank."""
+        contract.check_root(root, self.size, "broadcast_object")
         return obj if self.size == 1 else self.allgather_object(obj if self.rank == root else None)[root]
 
     # Shared machinery.
@@ -242,6 +243,10 @@ class Communicator(Transport):
         return None
 
     def _run(self, job: Callable[[], Any], async_op: bool, kind: Kind, t: torch.Tensor | None = None) -> Any:
+        if self._unusable is not None:
+            raise CollectiveError(self._unusable)
+        if t is not None and t.requires_grad:  # in place on its data, outside autograd (torch's collectives too)
+            job = torch.no_grad()(job)
         engine, checked = self._engine, self.size > 1
         if self.observer is not None or async_op or not engine.idle:
             job = partial(verify.run, self, kind, t, job) if checked else job
@@ -269,7 +274,15 @@ class Communicator(Transport):
             engine.blocked_ns += time.perf_counter_ns() - start
 
     def _timeout(self, what: str, missing: list[int]) -> CollectiveTimeout:
+        self._spoil(what)
         return stuck.report(self, what, missing)  # the flight recorder's account of who is where
+
+    def _spoil(self, what: str) -> None:
+        """After a timeout (here, or in a group a call of ours ran on) no call may be made: the ranks' orders part."""
+        self._unusable = self._unusable or (
+            f"this communicator timed out in call #{self._seq} ({what}) and cannot be used again: the ranks no "
+            "longer agree on the next call, and data of the one that timed out may still arrive. End the job"
+        )
 
     def _plain_timeout(self, what: str, missing: list[int]) -> CollectiveTimeout:
         return super()._timeout(what, missing)
@@ -278,22 +291,8 @@ class Communicator(Transport):
         """What every transport's close ends first: the hierarchical algorithm's groups, then the recorder. The groups
         close in the order they were made, the same on every rank (closing is collective: a set's order, by address,
         differed across ranks and left two ranks in MPI_Win_free of different groups, waiting for each other)."""
+        self._unusable = "this communicator was closed (close()); make calls before closing it"
         for group in dict.fromkeys(g for pair in self._groups.values() for g in pair):
             group.close()
         if self._board is not None:
             self._board.close()
-
-    def _allgather_object(self, obj: Any) -> list[Any]:
-        if self.size == 1:
-            return [obj]
-        data = pickle.dumps(obj)
-        lengths = torch.zeros(self.size, dtype=torch.int64, device=self.device)
-        self._native_allgather(torch.tensor([len(data)], device=self.device), lengths)
-        width = int(lengths.max())
-        mine = torch.zeros(width, dtype=torch.uint8)
-        mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else mine[:0]
-        everyone = torch.empty(width * self.size, dtype=torch.uint8, device=self.device)
-        self._native_allgather(mine.to(self.device), everyone)
-        everyone = everyone.cpu()
-        parts = [everyone[r * width : r * width + int(n)] for r, n in enumerate(lengths.tolist())]
-        return [pickle.loads(part.numpy().tobytes()) for part in parts]

@@ -168,3 +168,23 @@ def describe(name: str, t: Any, op: str, algorithm: str, label: Any) -> tuple[st
 def fingerprint(signature: str) -> int:
     """A 31-bit CRC of what a call is: equal on every rank that makes the same call."""
     return zlib.crc32(signature.encode()) & 0x7FFFFFFF
+
+
+def check_root(root: Any, size: int, what: str) -> None:
+    """A root that is a rank of the world, else a ValueError on every rank (root is the same on all of them)."""
+    if isinstance(root, bool) or not isinstance(root, int) or not 0 <= root < size:
+        raise ValueError(f"{what} root {root!r} is not a rank of a world of size {size}")
+
+
+def check_peer(comm: Any, t: torch.Tensor, peer: Any, what: str) -> torch.Tensor:
+    """`t`, once `comm` may still be used, `peer` is another rank and `t` is contiguous (a transport takes its memory
+    as it lies: a strided view would send, or receive into, the wrong elements)."""
+    if comm._unusable is not None:
+        raise CollectiveError(comm._unusable)
+    if comm.size == 1:
+        raise ValueError("a world of one rank has no peers to send to or receive from")
+    if isinstance(peer, bool) or not isinstance(peer, int) or not 0 <= peer < comm.size or peer == comm.rank:
+        raise ValueError(f"{what}: peer {peer!r} is not another rank of a world of {comm.size} (this is {comm.rank})")
+    if not t.is_contiguous():
+        raise ValueError(f"{what} needs a contiguous tensor, as torch's: pass t.contiguous(), copy a received one back")
+    return t

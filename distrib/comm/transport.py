@@ -7,6 +7,7 @@ torch.distributed names its backends.
 from __future__ import annotations
 
 import abc
+import pickle
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -123,3 +124,19 @@ class Transport(abc.ABC):
     def _shm(self) -> Any:
         """The shared-memory collectives (distrib.comm.shm.SharedMemory) of a transport that has them."""
         raise NotImplementedError(f"{type(self).__name__} has no shared-memory collectives")
+
+    def _allgather_object(self, obj: Any) -> list[Any]:
+        """Every rank's picklable `obj`, by rank, over the native allgather: its length, then its bytes."""
+        if self.size == 1:
+            return [obj]
+        data = pickle.dumps(obj)
+        lengths = torch.zeros(self.size, dtype=torch.int64, device=self.device)
+        self._native_allgather(torch.tensor([len(data)], device=self.device), lengths)
+        width = int(lengths.max())
+        mine = torch.zeros(width, dtype=torch.uint8)
+        mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else mine[:0]
+        everyone = torch.empty(width * self.size, dtype=torch.uint8, device=self.device)
+        self._native_allgather(mine.to(self.device), everyone)
+        everyone = everyone.cpu()
+        parts = [everyone[r * width : r * width + int(n)] for r, n in enumerate(lengths.tolist())]
+        return [pickle.loads(part.numpy().tobytes()) for part in parts]

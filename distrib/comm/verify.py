@@ -60,9 +60,11 @@ def run(comm: Any, kind: Any, t: torch.Tensor | None, job: Callable[[], Any]) ->
             elif mode == "all":
                 compare_all(comm, seq, describe(kind.name, t, kind.op, kind.algorithm, kind.label)[0])
             result = job()
-    except CollectiveError:
+    except CollectiveError as error:
         if board is not None:  # peers that time out later must not take this rank's exit for "finished"
             board.give_up(seq)
+        if isinstance(error, CollectiveTimeout):
+            comm._spoil(kind.name)
         raise
     if board is not None:
         board.done(seq)

@@ -268,8 +268,12 @@ def test_shm_wait_names_the_rank_that_never_arrives(comm):
         pattern = rf"shm allreduce \(call #2\): rank 0 waited 1 s for rank\(s\) {missing}: rank 1 has not called it"
         with pytest.raises(CollectiveTimeout, match=pattern):
             late.allreduce(torch.ones(8), algorithm="shm")
+        with pytest.raises(CollectiveError, match=r"timed out in call #2 \(shm allreduce\) and cannot be used again"):
+            late.allreduce(torch.ones(8), algorithm="shm")  # its peers may still write call #2's data: refused
     comm.barrier()
     late.close()
+    with pytest.raises(CollectiveError, match=r"this communicator was closed \(close\(\)\)"):
+        late.barrier()
 
 
 def test_shm_buffers_reused_by_pieces_of_every_size(comm):
@@ -388,6 +392,37 @@ def test_point_to_point_ring(comm):
     got = torch.empty(3, dtype=torch.int64)
     comm.sendrecv(torch.full((3,), comm.rank), right, got, left)
     assert got.tolist() == [left] * 3
+
+
+@pytest.mark.mpi(min_size=2)
+def test_point_to_point_refuses_strided_tensors_and_peers_that_are_not_other_ranks(comm):
+    """A transport takes a tensor's memory as it lies (MPI wrote a strided receive's values into base[0:4]): both
+    ranks refuse at once, before anything moves, so neither waits for the other."""
+    base = torch.zeros(12)
+    peer = 1 - comm.rank if comm.rank < 2 else 0
+    with pytest.raises(ValueError, match=r"recv needs a contiguous tensor, as torch's: pass t.contiguous\(\)"):
+        comm.recv(base[::3], peer)
+    with pytest.raises(ValueError, match="send needs a contiguous tensor"):
+        comm.send(torch.ones(3, 2).t(), peer)
+    for bad in (-1, -2, comm.size, comm.rank, 1.0):
+        with pytest.raises(ValueError, match=rf"peer {bad!r} is not another rank of a world of {comm.size}"):
+            comm.send(torch.ones(2), bad)
+    assert not base.any()
+    with pytest.raises(ValueError, match=r"broadcast_object root -1 is not a rank of a world of"):
+        comm.broadcast_object("x", root=-1)  # was None on every rank
+    comm.barrier()  # nothing was left in flight
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_tensors_that_require_grad_are_reduced_outside_autograd(comm, algorithm):
+    """As torch's collectives: a leaf that requires grad is reduced in place, a non-leaf keeps its grad_fn."""
+    leaf = torch.full((6,), float(comm.rank + 1), requires_grad=True)
+    comm.allreduce(leaf, algorithm=algorithm)
+    inner = leaf * 1
+    comm.allreduce(inner, algorithm=algorithm)
+    total = comm.size * (comm.size + 1) / 2
+    assert leaf.tolist() == [total] * 6 and inner.tolist() == [total * comm.size] * 6
+    assert leaf.grad_fn is None and leaf.requires_grad and type(inner.grad_fn).__name__ == "MulBackward0"
 
 
 @pytest.mark.mpi(min_size=2)
