@@ -38,10 +38,7 @@ def call(board: Board, seq: int, numel: int, label: dict | None = None) -> None:
 
 
 def comm_of(board: Board, seq: int) -> SimpleNamespace:
-    plain = CollectiveTimeout("allreduce: rank 0 waited 2 s for the other ranks; plain")
-    return SimpleNamespace(
-        rank=board.rank, size=2, timeout=2.0, _board=board, _seq=seq, _plain_timeout=lambda *_: plain
-    )
+    return SimpleNamespace(rank=board.rank, size=2, timeout=2.0, _board=board, _seq=seq)
 
 
 def test_calls_are_numbered_fingerprinted_and_described(boards):
@@ -185,9 +182,7 @@ def test_a_rank_cut_off_by_a_fellow_waiters_exit_names_the_rank_both_waited_for(
             def is_completed(self):
                 return False
 
-        plain = CollectiveTimeout("plain")
         comm = SimpleNamespace(rank=1, size=3, timeout=0.2, backend="gloo", _board=one, _seq=1)
-        comm._plain_timeout = lambda *_: plain
         start = time.monotonic()
         with pytest.raises(CollectiveError) as lost:
             TorchCommunicator.wait_all(comm, [(Closed(), 0)], "ring step 2/2")

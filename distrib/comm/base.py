@@ -26,6 +26,8 @@ from distrib.comm.mirror import Mirror
 from distrib.comm.topology import Topology, place
 from distrib.comm.transport import Transport
 
+_CLOSED = "this communicator was closed (close()); make calls before closing it"
+
 
 class Communicator(Transport):
     """Collectives over `size` ranks: every rank calls each collective, in the same order; send and recv are
@@ -277,22 +279,22 @@ class Communicator(Transport):
         self._spoil(what)
         return stuck.report(self, what, missing)  # the flight recorder's account of who is where
 
-    def _spoil(self, what: str) -> None:
-        """After a timeout (here, or in a group a call of ours ran on) no call may be made: the ranks' orders part."""
+    def _spoil(self, what: str) -> None:  # after a timeout here, or in a group a call of ours ran on
         self._unusable = self._unusable or (
             f"this communicator timed out in call #{self._seq} ({what}) and cannot be used again: the ranks no "
             "longer agree on the next call, and data of the one that timed out may still arrive. End the job"
         )
 
-    def _plain_timeout(self, what: str, missing: list[int]) -> CollectiveTimeout:
-        return super()._timeout(what, missing)
-
-    def _close_parts(self) -> None:
-        """What every transport's close ends first: the hierarchical algorithm's groups, then the recorder. The groups
-        close in the order they were made, the same on every rank (closing is collective: a set's order, by address,
-        differed across ranks and left two ranks in MPI_Win_free of different groups, waiting for each other)."""
-        self._unusable = "this communicator was closed (close()); make calls before closing it"
+    def _close_parts(self) -> bool:
+        """What every transport's close does first, once (False: closed before): queued calls finish; the groups of
+        "hierarchical" close in the order made, the same on every rank (closing is collective); the recorder."""
+        if self._unusable == _CLOSED:
+            return False
+        if self._unusable is None and not self._engine.idle:
+            self._engine.submit(lambda: None).wait()
+        self._unusable = _CLOSED
         for group in dict.fromkeys(g for pair in self._groups.values() for g in pair):
             group.close()
         if self._board is not None:
             self._board.close()
+        return True

@@ -208,7 +208,8 @@ class MPICommunicator(Communicator):
             part.Free()
 
     def close(self) -> None:
-        self._close_parts()
+        if not self._close_parts():
+            return
         if self._shared is not None:
             self._shared.close()
         for _, request in self._saved.values():

@@ -14,6 +14,7 @@ from typing import Any
 
 from distrib.comm.contract import CollectiveError, CollectiveTimeout
 from distrib.comm.flight import TICK, Board, Seen
+from distrib.comm.transport import Transport
 
 SILENT = 5 * TICK  # seconds without a heartbeat after which a rank counts as not answering
 STACK_WAIT = 3 * TICK  # seconds to wait for a busy rank's stack
@@ -36,7 +37,7 @@ def report(comm: Any, what: str, missing: list[int], gone: bool = False) -> Coll
     `missing`: the ranks the transport waited for (-1: some rank of a native collective).
     """
     board: Board | None = comm._board
-    plain = comm._plain_timeout(what, missing)
+    plain = Transport._timeout(comm, what, missing)
     if board is None:
         return plain
     board.give_up(comm._seq)  # first: a peer this rank's exit cuts off then reads a fellow waiter, not a culprit

@@ -170,7 +170,8 @@ class TorchCommunicator(Communicator):
         return TorchCommunicator.over(group, self.timeout)
 
     def close(self) -> None:
-        self._close_parts()
+        if not self._close_parts():
+            return
         if self._group is not None:  # a group made elsewhere is its maker's to end
             return
         if dist.is_initialized():

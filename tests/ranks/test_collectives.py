@@ -274,6 +274,19 @@ def test_shm_wait_names_the_rank_that_never_arrives(comm):
     late.close()
     with pytest.raises(CollectiveError, match=r"this communicator was closed \(close\(\)\)"):
         late.barrier()
+    late.close()  # a second close does nothing
+
+
+@pytest.mark.mpi(min_size=2)
+def test_close_lets_queued_calls_finish(comm):
+    if comm.backend != "mpi":
+        pytest.skip("a second communicator of its own: the mpi backend's")
+    from distrib.comm.mpi import MPICommunicator
+
+    other = MPICommunicator(timeout=30)
+    handles = [other.allreduce(torch.ones(4) * k, async_op=True) for k in range(3)]
+    other.close()
+    assert [h.wait().tolist() for h in handles] == [[k * comm.size] * 4 for k in range(3)]
 
 
 def test_shm_buffers_reused_by_pieces_of_every_size(comm):
