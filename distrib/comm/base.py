@@ -18,7 +18,7 @@ import torch
 
 from distrib.comm import contract, sparse, stuck, verify
 from distrib.comm.algorithms import ALGORITHMS, TABLE
-from distrib.comm.contract import CollectiveError, CollectiveTimeout, real
+from distrib.comm.contract import CollectiveTimeout, real
 from distrib.comm.engine import Engine, Handle, observed
 from distrib.comm.flight import Board, open_board
 from distrib.comm.kinds import Kind, algorithm_of, kind_of, reduce_
@@ -245,8 +245,7 @@ class Communicator(Transport):
         return None
 
     def _run(self, job: Callable[[], Any], async_op: bool, kind: Kind, t: torch.Tensor | None = None) -> Any:
-        if self._unusable is not None:
-            raise CollectiveError(self._unusable)
+        contract.check_usable(self)
         if t is not None and t.requires_grad:  # in place on its data, outside autograd (torch's collectives too)
             job = torch.no_grad()(job)
         engine, checked = self._engine, self.size > 1

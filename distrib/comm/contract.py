@@ -176,11 +176,16 @@ def check_root(root: Any, size: int, what: str) -> None:
         raise ValueError(f"{what} root {root!r} is not a rank of a world of size {size}")
 
 
+def check_usable(comm: Any) -> None:
+    """Raise if `comm` timed out or was closed: no call of any kind may be made on it then."""
+    if comm._unusable is not None:
+        raise CollectiveError(comm._unusable)
+
+
 def check_peer(comm: Any, t: torch.Tensor, peer: Any, what: str) -> torch.Tensor:
     """`t`, once `comm` may still be used, `peer` is another rank and `t` is contiguous (a transport takes its memory
     as it lies: a strided view would send, or receive into, the wrong elements)."""
-    if comm._unusable is not None:
-        raise CollectiveError(comm._unusable)
+    check_usable(comm)
     if comm.size == 1:
         raise ValueError("a world of one rank has no peers to send to or receive from")
     if isinstance(peer, bool) or not isinstance(peer, int) or not 0 <= peer < comm.size or peer == comm.rank:

@@ -19,18 +19,16 @@ def reducer_parameters(module: nn.Module, ignored: set[str]) -> tuple[list[nn.Pa
     (an nn.Embedding's or nn.EmbeddingBag's with sparse=True): trainable and not ignored, in module order (torch's).
 
     A name is torch's debug name: "module.param", ".param" at the root, and a shared parameter's last one."""
-    params, sparse, index = [], [], {}
+    params, names, sparse, index = [], [], [], {}
     for module_name, child in module.named_modules():
         for name, p in child.named_parameters(recurse=False):
             fqn = f"{module_name}.{name}" if module_name else name
             if p.requires_grad and fqn not in ignored and id(p) not in index:
                 index[id(p)] = len(params)
                 params.append(p)
+                names.append("")
                 sparse.append(isinstance(child, (nn.Embedding, nn.EmbeddingBag)) and child.sparse)
-    names = [""] * len(params)
-    for module_name, child in module.named_modules():
-        for name, p in child.named_parameters(recurse=False):
-            if id(p) in index:
+            if id(p) in index:  # every later occurrence renames it: torch's mapping keeps the last
                 names[index[id(p)]] = f"{module_name}.{name}"
     return params, names, sparse
 

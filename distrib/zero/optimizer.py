@@ -98,8 +98,7 @@ class ZeroOffloadOptimizer(StateDicts, torch.optim.Optimizer):
         self._dirty = threading.Event()
         self._dirty.set()  # gradients present before construction were copied in
         for i, p in enumerate(self._params):
-            p.register_post_accumulate_grad_hook(lambda _, dirty=self._dirty: dirty.set())
-            p.register_post_accumulate_grad_hook(self._presence.hook(i))
+            p.register_post_accumulate_grad_hook(self._presence.hook(i, self._dirty))
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if hasattr(self, "layout"):

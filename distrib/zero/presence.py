@@ -10,6 +10,7 @@ only some have none, or that follows a step with no zero_grad() between, raises 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 
 import torch
@@ -26,12 +27,14 @@ class Presence:
         self._got = bytearray(p.grad is not None for p in params)  # gradients made before the optimizer count
         self._consumed = False
 
-    def hook(self, i: int) -> Callable[[Tensor], None]:
-        """For parameter i's post-accumulate-grad hook (it holds this ledger only, never the optimizer)."""
+    def hook(self, i: int, dirty: threading.Event) -> Callable[[Tensor], None]:
+        """Parameter i's post-accumulate-grad hook: its gradient is here, and the flat buffer `dirty` (it holds the
+        ledger and the event only, never the optimizer)."""
         got = self._got
 
         def accumulated(_: Tensor) -> None:
             got[i] = 1
+            dirty.set()
 
         return accumulated
 
