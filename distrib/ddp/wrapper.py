@@ -27,6 +27,7 @@ from distrib.ddp.arguments import buffer_sync, check_module, communicator, devic
 from distrib.ddp.buckets import DEFAULT_CAP_MB, FIRST_BUCKET_BYTES, MIB
 from distrib.ddp.graph import find_tensors, through_sink, unused_parameters
 from distrib.ddp.join import Joining
+from distrib.ddp.logging_data import LoggingData
 from distrib.ddp.reducer import Reducer
 from distrib.ddp.states import broadcast_, check_same_model, reducer_parameters, synced_buffers, synced_state
 from distrib.hooks import Bucket, allreduce_hook, fp16_compress_hook
@@ -54,7 +55,7 @@ def _outside_compiler(fn: Callable) -> Callable:
     return call
 
 
-class DistributedDataParallel(Joining, TorchDDP):
+class DistributedDataParallel(Joining, LoggingData, TorchDDP):
     """Wraps `module` so that backward averages its gradients over all ranks; a drop-in for torch's DDP.
 
     A subclass of torch's, so torch's own tools that look for a DDP (torch.distributed.checkpoint's state dicts,
@@ -93,12 +94,11 @@ class DistributedDataParallel(Joining, TorchDDP):
     ) -> None:
         nn.Module.__init__(self)  # not torch's DDP's: its reducer and hooks are distrib's
         Joining.__init__(self)
+        LoggingData.__init__(self)
         given = {name: value for name, value in locals().items() if name in _UNSUPPORTED and value is not None}
         if given or skip_all_reduce_unused_params:
             name = next(iter(given), "skip_all_reduce_unused_params")
             raise NotImplementedError(f"distrib's DistributedDataParallel does not support {name}; leave it unset")
-        self._logging: dict[str, Any] = {"iteration": 0}
-        self._sample_rate = 100  # torch's: runtime stats every 100th iteration, after the first 10
         self.comm = communicator(comm, process_group)
         self.process_group = self.comm.process_group  # torch's own utilities (Join) need one; None where none
         ignored = set(getattr(module, "_ddp_params_and_buffers_to_ignore", ()))
@@ -137,8 +137,7 @@ class DistributedDataParallel(Joining, TorchDDP):
         )  # fmt: skip
         self._register_hooks()
         self._comm_hooks: list[tuple[Callable, Any]] = []
-        self._has_rebuilt_buckets = False
-        self._logging["bucket_sizes"] = _sizes(self.reducer.buckets)  # the buckets at construction, as torch logs
+        self._log_bucket_sizes()
         self._static_graph_delay_allreduce_enqueued = False
         self._divide_by_initial_world_size = True
         self._authoritative_rank: int | None = None
@@ -352,44 +351,6 @@ class DistributedDataParallel(Joining, TorchDDP):
 
     def _remove_autograd_hooks(self) -> None:
         _remove(self._handles)
-
-    def _get_ddp_logging_data(self) -> dict[str, Any]:
-        """The fields of torch's logging data that distrib knows the same way."""
-        params = self.reducer.params
-        return {
-            "world_size": self.comm.size, "rank": self.comm.rank, "module_name": type(self.module).__name__,
-            "backend_name": self.comm.backend, "device_ids": "",
-            "output_device": -1, "broadcast_buffers": int(self.forward_sync_buffers),
-            "bucket_cap_bytes": self.bucket_bytes_cap, "find_unused_parameters": int(self.find_unused_parameters),
-            "gradient_as_bucket_view": int(self.gradient_as_bucket_view),
-            "is_multi_device_module": int(self.is_multi_device_module), "num_parameter_tensors": len(params),
-            "total_parameter_size_bytes": sum(p.numel() * p.element_size() for p in params),
-            "dtypes": ", ".join(sorted({messages.TYPE_NAMES.get(p.dtype, str(p.dtype)) for p in params})),
-            "has_error": int("error" in self._logging),
-            **self._logging,
-        }  # fmt: skip
-
-    def _log_runtime_stats(self) -> None:
-        """torch's logger, before a forward: at sampled iterations, the one just done and the rebuilt buckets."""
-        done = self.reducer.num_iterations
-        if done and (done <= 10 or done % self._sample_rate == 0):
-            self._logging |= {"iteration": done, "has_rebuilt_buckets": int(self._has_rebuilt_buckets)}
-            if self._has_rebuilt_buckets:
-                self._logging["rebuilt_bucket_sizes"] = _sizes(self.reducer.buckets)
-
-    def _set_ddp_runtime_logging_sample_rate(self, sample_rate: int) -> None:
-        if sample_rate < 1:
-            raise ValueError("DDP runtime logging sample rate should be equal or greater than 1")
-        self._sample_rate = sample_rate
-
-    def _throw(self, kind: type[Exception], message: str) -> None:
-        """Raise, and keep the message where torch's logging data keeps it."""
-        self._logging["error"] = message
-        raise kind(message)
-
-
-def _sizes(buckets: Sequence[Any]) -> str:
-    return ", ".join(str(b.flat.numel() * b.flat.element_size()) for b in buckets)
 
 
 def _hook(ddp: weakref.ref, i: int, param: torch.Tensor) -> None:
