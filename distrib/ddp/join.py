@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 
-from distrib.ddp.states import broadcast_, synced_state
+from distrib.comm.coalesced import broadcast_
+from distrib.ddp.states import synced_state
 
 
 class Joining(Joinable):

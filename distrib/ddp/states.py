@@ -1,5 +1,5 @@
 """The module's state across ranks: which parameters DDP reduces, that every rank holds the same model, and the
-broadcasts that make parameters and buffers equal (at construction, before each forward, when ranks join)."""
+parameters and buffers those broadcasts make equal (at construction, before each forward, when ranks join)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from torch import nn
 
 from distrib.comm import Communicator
 
-_ALIGN = 16  # bytes: each tensor's slice of a broadcast starts where any dtype may view it
 _FIX = " Build the same model on every rank: the same parameters, shapes and order."
 
 
@@ -65,31 +64,3 @@ def check_same_model(comm: Communicator, params: Sequence[torch.Tensor], rank: i
                         f"[{rank}]: params[{k}] in {where} with {what} {list(mine_)} appears not to match {what} of "
                         f"the same param in process 0.{_FIX}"
                     )
-
-
-def broadcast_(comm: Communicator, tensors: Sequence[torch.Tensor], root: int = 0) -> None:
-    """Overwrite `tensors` with rank `root`'s values: one broadcast of their bytes per device.
-
-    Version counters are left as they were (torch's _unsafe_preserve_version_counter): a buffer saved for backward
-    by one forward (BatchNorm's running stats) may be refreshed before a second forward without failing that
-    backward.
-    """
-    if comm.size == 1 or not tensors:
-        return
-    by_device: dict[torch.device, list[torch.Tensor]] = {}
-    for t in tensors:
-        by_device.setdefault(t.device, []).append(t)
-    for device, group in by_device.items():
-        nbytes = [t.numel() * t.element_size() for t in group]
-        offsets = [0]
-        for n in nbytes:
-            offsets.append(offsets[-1] + -(-n // _ALIGN) * _ALIGN)
-        flat = torch.empty(offsets[-1], dtype=torch.uint8, device=device)
-        with torch.no_grad():
-            for t, start, n in zip(group, offsets, nbytes):
-                flat[start : start + n].copy_(t.detach().contiguous().view(-1).view(torch.uint8))  # t[::2] too
-            comm.broadcast(flat, root)
-            if comm.rank != root:
-                with torch.autograd._unsafe_preserve_version_counter(tuple(group)):
-                    for t, start, n in zip(group, offsets, nbytes):
-                        t.copy_(flat[start : start + n].view(t.dtype).view(t.shape))

@@ -22,6 +22,7 @@ from torch.distributed.algorithms.join import Join
 from torch.nn.parallel import DistributedDataParallel as TorchDDP
 
 from distrib.comm import Communicator
+from distrib.comm.coalesced import broadcast_
 from distrib.ddp import messages
 from distrib.ddp.arguments import buffer_sync, check_module, communicator, devices, to_device
 from distrib.ddp.buckets import DEFAULT_CAP_MB, FIRST_BUCKET_BYTES, MIB
@@ -29,7 +30,7 @@ from distrib.ddp.graph import find_tensors, through_sink, unused_parameters
 from distrib.ddp.join import Joining
 from distrib.ddp.logging_data import LoggingData
 from distrib.ddp.reducer import Reducer
-from distrib.ddp.states import broadcast_, check_same_model, reducer_parameters, synced_buffers, synced_state
+from distrib.ddp.states import check_same_model, reducer_parameters, synced_buffers, synced_state
 from distrib.hooks import Bucket, allreduce_hook, fp16_compress_hook
 from distrib.process import STATE, init
 
