@@ -409,3 +409,97 @@ def test_an_empty_param_group_is_refused():
     params = list(make_model().parameters())
     with pytest.raises(ValueError, match=r"param group 1 has no parameters; .* leave it out"):
         ZeroOffloadOptimizer([{"params": params}, {"params": []}], comm=LocalCommunicator())
+
+
+def test_hyperparameters_torch_takes_as_numpy_scalars_or_tensors_step_as_floats():
+    """torch.optim.AdamW steps with an lr (or betas) given as a NumPy scalar or a one-element tensor."""
+    import numpy as np
+
+    model, reference = make_model(), make_model()
+    opt, torch_opt = zero_opt(model, lr=np.float32(0.02)), torch.optim.AdamW(reference.parameters(), lr=0.02)
+    for step, lr in enumerate([torch.tensor(0.05), np.float64(0.01), 0.03]):
+        opt.param_groups[0]["lr"], torch_opt.param_groups[0]["lr"] = lr, float(lr)
+        opt.param_groups[0]["betas"] = (np.float32(0.9), torch.tensor(0.999))
+        for m, o in ((model, opt), (reference, torch_opt)):
+            loss(m, step).backward()
+            o.step()
+            o.zero_grad()
+    torch.testing.assert_close(list(model.parameters()), list(reference.parameters()), rtol=1e-5, atol=1e-7)
+    opt.param_groups[0]["lr"] = torch.tensor(-1.0)
+    loss(model, 3).backward()
+    with pytest.raises(ValueError, match=r"lr must be a float >= 0, got tensor\(-1\.\)"):
+        opt.step()
+
+
+def test_torchs_switches_are_taken_or_refused_at_construction():
+    """foreach and fused are speed options (the CPU step is fused); the switches that change the math raise."""
+    zero_opt(make_model(), foreach=False, fused=True)
+    for name in ("amsgrad", "maximize", "differentiable", "capturable"):
+        with pytest.raises(ValueError, match=rf"^{name}=True: ZeroOffloadOptimizer has no {name}; leave it out$"):
+            zero_opt(make_model(), **{name: True})
+
+
+def hooked(opt: torch.optim.Optimizer) -> list[str]:
+    """torch.optim's four state-dict hooks on `opt`, each noting its call; the save post-hook adds a key."""
+    seen: list[str] = []
+    opt.register_state_dict_pre_hook(lambda o: seen.append("save pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: (seen.append("save post"), {**sd, "mark": 1})[1])
+    opt.register_load_state_dict_pre_hook(lambda o, sd: seen.append(f"load pre {sd.get('mark')}"))
+    opt.register_load_state_dict_post_hook(lambda o: seen.append("load post"))
+    return seen
+
+
+def test_state_dict_hooks_run_as_torchs():
+    """torch.optim's four state-dict hooks, in torch's order, with what they return used."""
+    calls = []
+    for model, opt in ((m := make_model(), torch.optim.AdamW(m.parameters())), (m := make_model(), zero_opt(m))):
+        seen = hooked(opt)
+        loss(model, 0).backward()
+        opt.step()
+        saved = opt.state_dict()
+        assert saved["mark"] == 1
+        opt.load_state_dict(saved)
+        calls.append(seen)
+    assert calls[0] == calls[1] == ["save pre", "save post", "load pre 1", "load post"]
+
+
+def test_clip_grad_norm_raises_on_a_non_finite_norm_when_asked_as_torchs():
+    model = make_model()
+    opt = zero_opt(model)
+    (model(torch.full((2, 5), float("inf"))).sum()).backward()
+    with pytest.raises(RuntimeError, match=r"The total norm of order 2.0 for gradients from `parameters` is non-fin"):
+        opt.clip_grad_norm_(1.0, error_if_nonfinite=True)
+
+
+def test_gradients_between_clip_and_step_are_none_and_a_backward_there_raises():
+    """clip_grad_norm_ averages the gradients into shards: `.grad` is None until step(), so no script reads or
+    changes what is now scratch; a backward in between would be lost, so step() refuses it."""
+    model, reference = make_model(), make_model()
+    opt, torch_opt = zero_opt(model, lr=1e-2), torch.optim.AdamW(reference.parameters(), lr=1e-2)
+    for step in range(3):
+        loss(model, step).backward()
+        opt.clip_grad_norm_(0.05)
+        assert all(p.grad is None for p in model.parameters())
+        opt.step()
+        assert all(p.grad is not None for p in model.parameters())  # the flat buffer's views, zeroed
+        opt.zero_grad()
+        loss(reference, step).backward()
+        nn.utils.clip_grad_norm_(reference.parameters(), 0.05)
+        torch_opt.step()
+        torch_opt.zero_grad()
+    assert_params_close(model, reference)
+    loss(model, 5).backward()
+    opt.clip_grad_norm_(1e9)
+    loss(model, 6).backward()
+    with pytest.raises(RuntimeError, match=r"a backward ran after opt\.clip_grad_norm_\(\) and before step\(\)"):
+        opt.step()
+
+
+def test_a_grad_scaler_that_clips_must_unscale_first():
+    """torch's AMP recipe unscales before clipping; clipping the scaled gradients would clip at the wrong norm."""
+    model = make_model()
+    opt, scaler = zero_opt(model), torch.amp.GradScaler("cpu", init_scale=8.0)
+    scaler.scale(loss(model, 0)).backward()
+    opt.clip_grad_norm_(1.0)
+    with pytest.warns(FutureWarning), pytest.raises(RuntimeError, match=r"call scaler\.unscale_\(opt\) before opt"):
+        scaler.step(opt)

@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
+
+import torch
 
 HYPER = ("lr", "betas", "eps", "weight_decay")
 # torch.optim.AdamW's own group keys, so a consolidated state dict loads there as it is.
 TORCH_GROUP = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False, "differentiable": False}
+
+
+def check_flags(**flags: bool) -> None:
+    """torch.optim.AdamW's switches ZeRO's step does not have, refused at construction; foreach and fused are speed
+    options (the CPU step is always fused)."""
+    for name, value in flags.items():
+        if value:
+            raise ValueError(f"{name}=True: ZeroOffloadOptimizer has no {name}; leave it out")
+
+
+def value(x: Any) -> Any:
+    """A hyperparameter as the CPU step reads it: torch takes NumPy scalars and one-element tensors too."""
+    if isinstance(x, (tuple, list)):  # betas
+        return tuple(value(b) for b in x)
+    if isinstance(x, torch.Tensor) and x.numel() == 1 or isinstance(x, numbers.Real) and not isinstance(x, bool):
+        return float(x)
+    return x
 
 
 def check_group(group: dict[str, Any], adamw: bool) -> None:
@@ -22,14 +42,15 @@ def check_group(group: dict[str, Any], adamw: bool) -> None:
             f"build it with adamw={bool(decoupled)} (Adam{'W' if decoupled else ''}'s weight decay)"
         )
 
-    def number(value: Any) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0  # also rejects NaN
+    def number(x: Any) -> bool:
+        x = value(x)
+        return isinstance(x, numbers.Real) and not isinstance(x, bool) and x >= 0  # also rejects NaN
 
     for name in ("lr", "eps", "weight_decay"):
         if not number(group[name]):
             raise ValueError(f"{name} must be a float >= 0, got {group[name]!r}")
     betas = group["betas"]
-    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(number(b) and b < 1 for b in betas)):
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(number(b) and value(b) < 1 for b in betas)):
         raise ValueError(f"betas must be two floats in [0, 1), e.g. (0.9, 0.999); got {betas!r}")
 
 

@@ -19,12 +19,14 @@ import torch
 from torch import Tensor
 
 from distrib.comm import Communicator
+from distrib.comm.coalesced import broadcast_
 from distrib.process import init
 from distrib.zero.cpu_adam import adam_groups_
-from distrib.zero.groups import check_group
+from distrib.zero.groups import HYPER, check_flags, check_group, value
 from distrib.zero.layout import FlatLayout, check_params, flatten_
 from distrib.zero.presence import Presence
 from distrib.zero.saving import StateDicts
+from distrib.zero.scaling import found_inf_anywhere
 from distrib.zero.tiles import TILE_NUMEL, Offload, check_tile
 
 __all__ = ["ZeroOffloadOptimizer"]
@@ -59,9 +61,17 @@ class ZeroOffloadOptimizer(StateDicts, torch.optim.Optimizer):
         algorithm: str | None = None,
         delay_update: bool = False,
         tile_numel: int | None = TILE_NUMEL,
+        buffers: Iterable[Tensor] = (),
+        amsgrad: bool = False,
+        maximize: bool = False,
+        differentiable: bool = False,
+        capturable: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
     ) -> None:
         params = list(params)
         check_tile(tile_numel)
+        check_flags(amsgrad=amsgrad, maximize=maximize, differentiable=differentiable, capturable=capturable)
         if not params:
             raise ValueError("ZeroOffloadOptimizer got an empty parameter list; pass model.parameters()")
         weight_decay = (1e-2 if adamw else 0.0) if weight_decay is None else weight_decay
@@ -80,6 +90,8 @@ class ZeroOffloadOptimizer(StateDicts, torch.optim.Optimizer):
         self._flat, self._flat_grad = flatten_(self._params, self.layout)
         self._views, self._grads = self.layout.views(self._flat), self.layout.views(self._flat_grad)
         self.comm.broadcast(self._flat, 0)  # every rank starts from rank 0's weights
+        self._buffers = list(buffers)  # kept rank 0's, as DDP's broadcast_buffers keeps them
+        broadcast_(self.comm, self._buffers)
         self._own = self._flat[self.layout.shard(self.comm.rank)]
         self._spans = self.layout.group_spans(self.comm.rank)
         self._exp_avg, self._exp_avg_sq = (torch.zeros(self._own.numel()) for _ in range(2))
@@ -105,15 +117,28 @@ class ZeroOffloadOptimizer(StateDicts, torch.optim.Optimizer):
             raise RuntimeError("ZeroOffloadOptimizer's flat layout is fixed at construction; pass every group then")
         super().add_param_group(param_group)
 
+    _step_supports_amp_scaling = True  # torch.amp.GradScaler hands itself to step(): scaling.py
+
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Reduce-scatter the gradients, Adam on the owned shard on the CPU, allgather the parameters."""
+    def step(self, closure: Callable[[], Any] | None = None, grad_scaler: Any = None) -> Any:
+        """Reduce-scatter the gradients, Adam on the owned shard on the CPU, allgather the parameters.
+
+        `grad_scaler`: passed by torch.amp.GradScaler.step(opt); the step is skipped on every rank if any rank's
+        gradients hold an inf or NaN, as under DDP."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:  # settings changed since construction, by hand or by a scheduler
             check_group(group, self.adamw)
+        if self._reduced is not None and self._dirty.is_set():
+            raise RuntimeError(
+                "a backward ran after opt.clip_grad_norm_() and before step(): clip_grad_norm_ averages the "
+                "gradients then, so later ones would be lost. Call it after the last backward of the step"
+            )
+        if grad_scaler is not None and found_inf_anywhere(self.comm, grad_scaler, self, self._reduced is not None):
+            self._restore_grads()
+            return loss
         grad = self._reduce()
         if grad is None:  # no gradient anywhere: torch's step would change nothing
             return loss
@@ -121,7 +146,7 @@ class ZeroOffloadOptimizer(StateDicts, torch.optim.Optimizer):
         master = self._master_shard()
         self._steps += 1
         # The hyperparameters are read now: a scheduler may change lr while a delayed step still runs.
-        hyper = [(span, dict(self.param_groups[g])) for g, span in self._spans]
+        hyper = [(span, {k: value(self.param_groups[g][k]) for k in HYPER}) for g, span in self._spans]
         self._reduced = None
         offload, steps = self._offload, self._steps
         if offload is None:  # fp32 on the CPU: the reduced shard is the gradient, the owned shard the master
@@ -135,18 +160,23 @@ class ZeroOffloadOptimizer(StateDicts, torch.optim.Optimizer):
         self._flat_grad.zero_()  # the reduce-scatter left scratch there; the next backward adds to zeros
         self._dirty.clear()
         self._presence.consume()
+        self._restore_grads()
         self._publish()  # delay_update: the previous step's weights
         if self._worker is not None:
             self._pending = self._worker.submit(self._cpu_step, master, offload.grad, steps, hyper)
             self._unpublished = True
+        broadcast_(self.comm, self._buffers)
         return loss
 
     @torch.no_grad()
-    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> Tensor:
+    def clip_grad_norm_(
+        self, max_norm: float, norm_type: float = 2.0, error_if_nonfinite: bool = False, foreach: bool | None = None
+    ) -> Tensor:
         """Scale this step's averaged gradients to a global norm of at most max_norm; returns the norm before.
 
         As torch.nn.utils.clip_grad_norm_ on the whole model, but the norm is summed over every rank's shard.
-        Call it after the last backward of the step, before step(): it runs step()'s reduce-scatter early.
+        Call it after the last backward of the step, before step(): it runs step()'s reduce-scatter early, and
+        until step() the parameters' `.grad` is None (the averages live sharded, each rank holding its own part).
         """
         max_norm, norm_type = float(max_norm), float(norm_type)
         if not max_norm >= 0:
@@ -156,12 +186,20 @@ class ZeroOffloadOptimizer(StateDicts, torch.optim.Optimizer):
         shard = self._reduce()
         if shard is None:  # no gradients: torch's norm of none
             return torch.zeros(())
+        for p in self._params:  # what .grad held is the reduce-scatter's scratch now
+            p.grad = None
         part = shard.float().abs()
         if math.isinf(norm_type):
             total = self.comm.allreduce(part.max().reshape(1), op="max", algorithm=self.algorithm)[0]
         else:
             local = part.pow_(norm_type).sum().reshape(1)
             total = self.comm.allreduce(local, op="sum", algorithm=self.algorithm)[0] ** (1.0 / norm_type)
+        if error_if_nonfinite and not torch.isfinite(total):
+            raise RuntimeError(
+                f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot be "
+                "clipped. To disable this error and scale the gradients by the non-finite norm anyway, set "
+                "`error_if_nonfinite=False`"
+            )
         shard.mul_((max_norm / (total + 1e-6)).clamp(max=1.0))  # torch's formula, to the last bit
         return total
 
@@ -170,8 +208,7 @@ class ZeroOffloadOptimizer(StateDicts, torch.optim.Optimizer):
         if self._dirty.is_set() or self._reduced is not None:
             self._flat_grad.zero_()
             self._dirty.clear()
-        for p, grad in zip(self._params, self._grads):
-            p.grad = grad
+        self._restore_grads()
         self._reduced = None
         self._presence.cleared(set_to_none)
 
@@ -206,7 +243,13 @@ class ZeroOffloadOptimizer(StateDicts, torch.optim.Optimizer):
                     grad.copy_(p.grad)
                 p.grad = grad
             self._reduced = self.comm.reduce_scatter(self._flat_grad, op="avg", algorithm=self.algorithm)
+            self._dirty.clear()  # set again by a backward before step(): an error there
         return self._reduced
+
+    def _restore_grads(self) -> None:
+        """`.grad` as the flat gradient buffer's views again (clip_grad_norm_ set them to None)."""
+        for p, grad in zip(self._params, self._grads):
+            p.grad = grad
 
     def _cpu_step(
         self, master: Tensor, grad: Tensor, step: int, hyper: list[tuple[slice, dict]], tile: slice = slice(0, None)

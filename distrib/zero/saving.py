@@ -20,11 +20,16 @@ class StateDicts:
 
         consolidated_state_dict() gives the form that loads at any world size and into torch.optim.AdamW.
         """
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():  # torch.optim's hooks, as it runs them
+            pre_hook(self)
         self._wait()
         meta = {"world_size": self.comm.size, "rank": self.comm.rank, "step": self._steps}
         meta["shapes"] = [tuple(s) for s in self.layout.shapes]
         state = {"master": self._master_shard(), "exp_avg": self._exp_avg, "exp_avg_sq": self._exp_avg_sq}
-        return {"zero": meta, "state": state, "param_groups": groups_out(self.param_groups)}
+        saved = {"zero": meta, "state": state, "param_groups": groups_out(self.param_groups)}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            saved = post_hook(self, saved) or saved
+        return saved
 
     def consolidated_state_dict(self) -> dict[str, Any] | None:
         """The whole state in torch.optim.AdamW's format, on rank 0 (None elsewhere); every rank must call it.
@@ -52,6 +57,8 @@ class StateDicts:
         Every rank passes the whole consolidated dict. Load the model's weights too: the parameters are not
         gathered here.
         """
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            state_dict = pre_hook(self, state_dict) or state_dict
         self._wait()
         load_groups(self.param_groups, state_dict["param_groups"], self.adamw)
         if "zero" in state_dict:
@@ -60,6 +67,8 @@ class StateDicts:
             self._load_consolidated(state_dict["state"])
         # A delayed run saves its master one update ahead of its model: the next step publishes it first.
         self._unpublished = self._worker is not None and self._master is not None and self._steps > 0
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def _load_sharded(self, meta: dict[str, Any], state: dict[str, Tensor]) -> None:
         here = {"world_size": self.comm.size, "rank": self.comm.rank, "shapes": [tuple(s) for s in self.layout.shapes]}

@@ -305,3 +305,61 @@ def test_a_parameter_with_a_gradient_on_one_rank_only_is_stepped_and_one_with_no
     with pytest.raises(RuntimeError, match=r"parameter\(s\) 4 \(3,\) got no gradient on any rank"):
         opt.step()
     assert comm.allreduce(torch.ones(1))[0] == comm.size  # every rank raised at the same call: none hangs
+
+
+def test_a_grad_scaler_skips_on_every_rank_when_one_rank_overflows(comm):
+    """An inf in one rank's gradients: every rank skips the step and halves its scale, as DDP's averaging makes
+    torch's scalers do; single-process AdamW with the scaler on the global batch is the reference."""
+    model, reference = make_model(1), make_model(1)
+    opt, ref_opt = (
+        ZeroOffloadOptimizer(model.parameters(), lr=LR, comm=comm),
+        torch.optim.AdamW(reference.parameters(), lr=LR),
+    )
+    scaler, ref_scaler = (torch.amp.GradScaler("cpu", init_scale=4.0) for _ in range(2))
+    for step in range(4):
+        x, y = batch(step)
+        if step == 1:
+            x[GLOBAL_BATCH // comm.size - 1, 0] = float("inf")  # in the last row of rank 0's slice only
+        for m, o, s, xs, ys in (
+            (model, opt, scaler, mine(comm, x), mine(comm, y)),
+            (reference, ref_opt, ref_scaler, x, y),
+        ):
+            s.scale(nn.functional.mse_loss(m(xs), ys)).backward()
+            s.step(o)
+            s.update()
+            o.zero_grad()
+        assert scaler.get_scale() == ref_scaler.get_scale() == (4.0 if step == 0 else 2.0)
+    torch.testing.assert_close(flat(model), flat(reference), rtol=1e-5, atol=1e-6)
+    assert_same_everywhere(comm, model)
+
+
+class Projected(nn.Module):
+    """The test model after a fixed random projection held in a buffer: a buffer the gradients depend on, which
+    each forward updates from its batch's first row, as BatchNorm's running stats follow each rank's batch."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        self.layers = make_model(seed)
+        self.register_buffer("proj", torch.randn(5, 5, generator=torch.Generator().manual_seed(seed)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layers(x @ self.proj)
+        with torch.no_grad():
+            self.proj.mul_(1 + 0.1 * x[0].tanh())  # rank 0's first row is the global batch's
+        return out
+
+
+def test_buffers_given_are_rank_zeros_as_under_ddp(comm):
+    """buffers=model.buffers(): each rank starts from rank 0's buffers and holds them after every step, so each
+    forward sees rank 0's, as DDP's broadcast_buffers has it; here every rank's buffer starts different."""
+    model, reference = Projected(1 + comm.rank), Projected(1)
+    opt = ZeroOffloadOptimizer(model.parameters(), lr=LR, comm=comm, buffers=model.buffers())
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=LR)
+    for step in range(3):
+        x, y = batch(step)
+        for m, o, xs, ys in ((model, opt, mine(comm, x), mine(comm, y)), (reference, ref_opt, x, y)):
+            nn.functional.mse_loss(m(xs), ys).backward()
+            o.step()
+            o.zero_grad()
+        assert torch.equal(model.proj, reference.proj)
+    torch.testing.assert_close(flat(model), flat(reference), rtol=1e-5, atol=1e-6)
