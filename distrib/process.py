@@ -224,7 +224,7 @@ def init_process_group(
         from distrib.comm.torch_dist import TorchCommunicator, rendezvous
 
         STATE.torch_group = TorchCommunicator("gloo", comm.rank, comm.size, store=rendezvous(comm),
-                                              timeout=comm.timeout)  # fmt: skip
+                                              timeout=comm.timeout, private=False)  # fmt: skip
         STATE.torch_group.barrier()  # a rank may finish connecting before its peers; leaving at once breaks theirs
         comm.process_group = STATE.torch_group.process_group  # torch's Join and comm hooks take it
         _take_job_down_on_failure(world)

@@ -1,8 +1,11 @@
-"""The torch.distributed backend: gloo (CPU) and NCCL (CUDA), on the default process group.
+"""The torch.distributed backend: gloo (CPU) and NCCL (CUDA), beside the default process group.
 
-Using the default group means a torch script's own `dist.get_rank()`, `dist.barrier()` and DistributedSampler
-keep working next to distrib. Under mpirun, `rendezvous` finds the address through MPI, so the user sets no
-MASTER_ADDR or MASTER_PORT.
+distrib starts torch.distributed's default group (or takes the one a script started), so a torch script's own
+`dist.get_rank()`, `dist.barrier()` and DistributedSampler keep working next to distrib; its own collectives go over
+a group of their own over the same ranks. Collectives a script issues on the default group while distrib's are in
+flight (a comm hook's, or an autograd function's in backward, from autograd's thread, while distrib's engine thread
+issues the buckets') then cannot pair up with ours in a different order on different ranks. Under mpirun,
+`rendezvous` finds the address through MPI, so the user sets no MASTER_ADDR or MASTER_PORT.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch.distributed as dist
 
 from distrib.comm import stuck
 from distrib.comm.base import Communicator
-from distrib.comm.contract import CollectiveError, poll
+from distrib.comm.contract import CollectiveError, env_timeout, poll
 from distrib.comm.transport import Pending, Request
 
 _RELEASE_GRACE = 0.1  # seconds, at close: see TorchCommunicator.close
@@ -52,12 +55,15 @@ class TorchCommunicator(Communicator):
         timeout: float | None = None,
         algorithm: str = "native",
         group: dist.ProcessGroup | None = None,
+        private: bool = True,
     ) -> None:
         """Meet the other ranks at `store`, or else at rank 0's `master` (host, port) as torch's tcp:// does
-        (under torchrun, through its agent's store); a world of one needs neither. With `group`, use that group."""
+        (under torchrun, through its agent's store); a world of one needs neither. With `group`, use that group.
+        `private`: distrib's collectives over a group of their own beside the default one (see the docstring)."""
         self.backend = backend
         super().__init__(rank, size, timeout=timeout, algorithm=algorithm)  # checks the timeout before torch sees it
         self._group = group  # None: the default group
+        self._made_group = False
         # gloo is slower to start a collective on ranks that start together than to let the first start at once
         # (verify.start_early); NCCL's kernels would need the same stand-in on the GPU, untried.
         self.starts_early = backend == "gloo"
@@ -86,7 +92,10 @@ class TorchCommunicator(Communicator):
                 f"torch.distributed is already initialised as rank {dist.get_rank()} of "
                 f"{dist.get_world_size()}, but this process is rank {rank} of {size}"
             )
-        self.process_group = dist.group.WORLD
+        self.process_group = dist.group.WORLD  # torch's utilities (Join) and a script's comm hooks take it
+        if private and size > 1:
+            self._made_group = True
+            self._group = dist.new_group(timeout=timedelta(seconds=self.timeout))
         self.open_flight()
 
     def _flight_store(self) -> dist.Store:
@@ -172,7 +181,7 @@ class TorchCommunicator(Communicator):
     def close(self) -> None:
         if not self._close_parts():
             return
-        if self._group is not None:  # a group made elsewhere is its maker's to end
+        if self._group is not None and not self._made_group:  # a group made elsewhere is its maker's to end
             return
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -184,8 +193,15 @@ class TorchCommunicator(Communicator):
 
 
 def started_group(timeout: float | None = None, algorithm: str = "native") -> TorchCommunicator | None:
-    """A communicator over torch.distributed's default group when the process started one itself, else None."""
-    return TorchCommunicator.over(dist.group.WORLD, timeout, algorithm) if dist.is_initialized() else None
+    """A communicator beside torch.distributed's default group when the process started one itself, else None:
+    over a group of its own over the same ranks (see the module docstring), the default one left to the script."""
+    if not dist.is_initialized():
+        return None
+    world = dist.group.WORLD
+    own = dist.new_group(timeout=timedelta(seconds=timeout or env_timeout())) if dist.get_world_size() > 1 else world
+    comm = TorchCommunicator.over(own, timeout, algorithm)
+    comm.process_group = world
+    return comm
 
 
 def rendezvous(comm: Communicator) -> dist.TCPStore:
