@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -127,7 +126,8 @@ def warn_create_graph() -> None:
 
 
 def warn_no_unused() -> None:
-    """torch's warning, once a process, when searching the graph found every parameter used."""
+    """torch's warning, once a process, when searching the graph found every parameter used: logged to stderr, as
+    torch's C++ reducer does, not through Python's warnings (which `-W error` would make an exception)."""
     if not _warned["no_unused"]:
         _warned["no_unused"] = True
-        warnings.warn(_NO_UNUSED, UserWarning, stacklevel=2)
+        log.warning(_NO_UNUSED)

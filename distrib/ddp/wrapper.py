@@ -187,6 +187,8 @@ class DistributedDataParallel(Joining, LoggingData, TorchDDP):
 
     @_outside_compiler
     def _post_forward(self, output: Any) -> Any:
+        if torch.is_grad_enabled():
+            _last(self._handles)
         if torch.is_grad_enabled() and self.require_backward_grad_sync:
             self.require_forward_param_sync = True
             dynamic = self.find_unused_parameters and not self.static_graph
@@ -361,6 +363,17 @@ def _hook(ddp: weakref.ref, i: int, param: torch.Tensor) -> None:
             wrapper.reducer.autograd_hook(i)
         except RuntimeError as error:
             wrapper._throw(RuntimeError, str(error))
+
+
+def _last(handles: list) -> None:
+    """Each parameter's hook of ours after any the script registered on it since: torch's reducer runs after every
+    post-accumulate-grad hook of a tensor, so a script's hook sees this rank's gradient, and what it changes there
+    is what gets averaged. A parameter's hooks run in the order of their dict, as C++ walks it: taken out and put
+    back, not OrderedDict.move_to_end, which reorders only the Python side."""
+    for handle in handles:
+        hooks = handle.hooks_dict_ref()
+        if hooks is not None and len(hooks) > 1 and next(reversed(hooks)) != handle.id:
+            hooks[handle.id] = hooks.pop(handle.id)
 
 
 def _remove(handles: list) -> None:

@@ -260,17 +260,19 @@ def test_a_root_parameter_is_named_in_errors_as_torch_names_it(comm, case, monke
         dist.set_debug_level_from_env()
 
 
-def test_searching_for_unused_parameters_and_finding_none_warns_once(comm, monkeypatch):
-    """torch's warning, in its words, once a process (torch's is TORCH_WARN_ONCE); not when one is unused."""
+def test_searching_for_unused_parameters_and_finding_none_warns_once(comm, monkeypatch, caplog):
+    """torch's warning, in its words, once a process (torch's is TORCH_WARN_ONCE); not when one is unused. Logged,
+    as torch's C++ reducer logs it: not a Python warning, so `-W error` (an error filter here) trains on."""
 
     def warned(use: bool, times: int) -> list[str]:
         monkeypatch.setitem(messages._warned, "no_unused", False)
+        caplog.clear()
         model = OURS(RootParameter(), find_unused_parameters=True)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
             for _ in range(times):
                 model(torch.randn(2, 4), use=use).sum().backward()
-        return [str(w.message) for w in caught if issubclass(w.category, UserWarning) and "unused" in str(w.message)]
+        return [r.getMessage() for r in caplog.records if "unused" in r.getMessage()]
 
     said = warned(use=True, times=2)
     assert said == [messages._NO_UNUSED], said
@@ -1297,5 +1299,74 @@ def test_torch_distributed_checkpoint_state_dicts(comm):
         optimizer.step()  # moves away from what was saved, then loads it back
         set_state_dict(model, optimizer, model_state_dict=saved, optim_state_dict=state)
         return [isinstance(model, TorchDDP), list(saved), sorted(state["state"]), dict(saved), weights(model)]
+
+    parity(scenario)
+
+
+@pytest.mark.parametrize("as_view, to_none", [(False, True), (True, True), (False, False)])
+def test_post_accumulate_grad_hooks_registered_after_wrapping_run_before_the_reduction(comm, as_view, to_none):
+    """torch's reducer runs after a parameter's post-accumulate-grad hooks, also those registered after wrapping:
+    a hook sees this rank's own gradient, and what it changes there (a clamp) is what gets averaged."""
+
+    def scenario(ddp):
+        model = ddp(nn.Linear(3, 2, bias=False), gradient_as_bucket_view=as_view)
+        seen = []
+
+        def clamp(p: torch.Tensor) -> None:
+            seen.append(p.grad[0, 0].item())
+            p.grad.clamp_(-1.5, 1.5)
+
+        model.module.weight.register_post_accumulate_grad_hook(clamp)
+        out = []
+        for step in range(4):
+            model(torch.full((1, 3), float(step + 1 + 10 * rank()))).sum().backward()
+            out.append(grads(model.module))
+            model.zero_grad(set_to_none=to_none)
+        return out, seen
+
+    parity(scenario)
+
+
+class AveragedActivations(nn.Module):
+    """A collective inside the model: torch.distributed.nn's all_reduce, whose backward all-reduces on the default
+    group from autograd's thread while DDP's buckets are in flight."""
+
+    def __init__(self, width: int = 128) -> None:
+        super().__init__()
+        self.first = nn.Linear(32, width)
+        self.rest = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU())
+        self.head = nn.Linear(width, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed.nn.functional as collectives
+
+        h = collectives.all_reduce(torch.relu(self.first(x))) / dist.get_world_size()
+        return self.head(self.rest(h))
+
+
+@pytest.mark.parametrize("case", ["collective in backward", "static graph with torch's allreduce_hook"])
+def test_collectives_a_script_issues_on_the_default_group_beside_ddps(comm, case):
+    """Under torchrun distrib's communicator and the script share torch.distributed; distrib's collectives go over a
+    group of their own, so the script's (from autograd's thread, or a comm hook's) never pair up with ours in a
+    different order on different ranks (gloo aborted with a size mismatch, or the sums were wrong)."""
+
+    def scenario(ddp):
+        out = []
+        for trial in range(4):
+            torch.manual_seed(trial)
+            if case == "collective in backward":
+                model = ddp(AveragedActivations(), bucket_cap_mb=0.01)
+            else:
+                model = ddp(nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 4)), static_graph=True)
+                model.register_comm_hook(None, default_hooks.allreduce_hook)
+            opt = torch.optim.SGD(model.parameters(), lr=0.05)
+            width = 32 if case == "collective in backward" else 64
+            for step in range(3):
+                x = torch.randn(8, width, generator=torch.Generator().manual_seed(step + 100 * rank()))
+                model(x).pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad()
+            out.append(weights(model.module))
+        return out
 
     parity(scenario)
