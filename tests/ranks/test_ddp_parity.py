@@ -722,6 +722,25 @@ def test_join_with_zero_redundancy_optimizer(comm):
     parity(scenario)
 
 
+def test_a_scripts_allreduce_inside_join_pairs_with_the_other_ranks_own(comm):
+    """A script's dist.all_reduce inside model.join() (a loss for logging) meets the other ranks' own, not one of
+    DDP's join collectives (under torchrun it was summed with distrib's "this rank still trains" flag)."""
+
+    def scenario(ddp):
+        model = ddp(nn.Linear(4, 4))
+        sums = []
+        with model.join():
+            for _ in range(12):
+                out = model(torch.ones(2, 4))
+                t = torch.tensor([float(10 + rank())])
+                dist.all_reduce(t)
+                sums.append(t.item())
+                out.sum().backward()
+        return sums, weights(model.module)
+
+    parity(scenario)
+
+
 def test_join_disabled_trains_as_usual(comm):
     def scenario(ddp):
         model = ddp(nn.Linear(1, 1))
