@@ -53,9 +53,10 @@ class LoggingData:
             raise ValueError("DDP runtime logging sample rate should be equal or greater than 1")
         self._sample_rate = sample_rate
 
-    def _throw(self, kind: type[Exception], message: str) -> None:
-        """Raise, and keep the message where torch's logging data keeps it."""
-        self._logging["error"] = message
+    def _throw(self, kind: type[Exception], message: str, native: bool = False) -> None:
+        """Raise, and keep the message where torch's logging data keeps it: with the exception's class where
+        torch's Python raises it, without it where torch's C++ reducer does (`native`)."""
+        self._logging["error"] = message if native else f"{kind}: {message}"
         raise kind(message)
 
 

@@ -23,6 +23,7 @@ STATIC_TOO_LATE = (
     "set_static_graph() should be called before training loop starts and after DistributedDataParallel is constructed."
 )
 HOOK_ONCE = "register_comm_hook or register_builtin_comm_hook can only be called once."
+BUILTIN_HOOK_ONCE = "register_builtin_comm_hook or register_comm_hook can only be called once."
 _MARKED_TWICE = (
     "Expected to mark a variable ready only once. This error is caused by one of the following reasons: 1) Use of a "
     "module parameter outside the `forward` function. Please make sure model parameters are not shared across "

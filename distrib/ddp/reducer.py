@@ -67,7 +67,7 @@ class Reducer:
         self.static_first = False
         self.div_factor: int | None = None
         self.join_work: Any = None  # the join context's "still training" allreduce, for the divide factor
-        self.static_world_size, self.rebuilt, self.ready_order = True, False, []
+        self.static_world_size, self.rebuilt, self.ready_order, self.graph_static = True, False, [], True
 
     def _build(self, layout: list[list[int]], collective: bool = False) -> None:
         """Buckets of `layout`; `collective` (the rebuild, which every rank takes together) may share memory."""
@@ -151,9 +151,14 @@ class Reducer:
         if self.static_graph and not self.static_first:
             self._left = list(self.hook_counts)
         if self.dynamic:
-            self.unused = unused or []
+            previous, self.unused = self.unused, unused or []
             if not self.unused:
                 messages.warn_no_unused()
+            if self.num_iterations > 1:  # torch's: static so far while the unused set stays the same
+                self.graph_static = self.graph_static and previous == self.unused
+
+    def _ddp_graph_static(self) -> bool:  # torch's name, read by torch's tests
+        return self.graph_static
 
     # Backward.
 
@@ -194,6 +199,8 @@ class Reducer:
             if self.launched == len(self.buckets):
                 if self.dynamic:
                     self._reduce_used()
+                if self.static_graph and self.should_rebuild:
+                    self.ready_order.extend(self.unused)  # torch's: a static graph's unused ones rebuild last
                 _engine.queue_callback(self.finalize)
 
     def _divide(self) -> int:

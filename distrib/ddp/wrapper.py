@@ -105,6 +105,11 @@ class DistributedDataParallel(Joining, LoggingData, TorchDDP):
         ignored = set(getattr(module, "_ddp_params_and_buffers_to_ignore", ()))
         self.parameters_to_ignore = ignored
         mine = [p for name, p in module.named_parameters() if name not in ignored]
+        if any(hasattr(p, "_in_backward_optimizers") for p in mine):
+            raise NotImplementedError(
+                "distrib's DistributedDataParallel does not run optimizers in backward "
+                "(_apply_optimizer_in_backward): build the optimizer as usual and call optimizer.step() after backward"
+            )
         if not any(p.requires_grad for p in mine):
             self._throw(RuntimeError, messages.NO_PARAMETERS)
         self.device_ids, self.output_device, self.device_type = devices(self, device_ids, output_device, mine)
@@ -175,7 +180,7 @@ class DistributedDataParallel(Joining, LoggingData, TorchDDP):
             if grad and self.reducer.rebuild_buckets():
                 self._has_rebuilt_buckets = True
         except RuntimeError as error:
-            self._throw(RuntimeError, str(error))
+            self._throw(RuntimeError, str(error), native=True)
         if self.will_sync_module_buffers():
             self._sync_buffers(self.common_rank(True) if self._join_config.enable else 0)
         if self._join_config.enable:
@@ -246,7 +251,7 @@ class DistributedDataParallel(Joining, LoggingData, TorchDDP):
         reaching it undivided (distrib.hooks has torch's hooks over a distrib Communicator)."""
         self._check_comm_hook(hook)
         if self._comm_hooks:
-            self._throw(RuntimeError, messages.HOOK_ONCE)
+            self._throw(RuntimeError, messages.HOOK_ONCE, native=True)
         self._comm_hooks.append((hook, state))
         self._logging["comm_hook"] = getattr(hook, "__qualname__", repr(hook))
         self.reducer.comm_hook = (state, hook)
@@ -254,7 +259,7 @@ class DistributedDataParallel(Joining, LoggingData, TorchDDP):
     def _register_builtin_comm_hook(self, comm_hook_type: Any) -> None:
         """torch's built-in hooks, ALLREDUCE and FP16_COMPRESS, as distrib.hooks' over this wrapper's communicator."""
         if self._comm_hooks:
-            self._throw(RuntimeError, "register_builtin_comm_hook or register_comm_hook can only be called once.")
+            self._throw(RuntimeError, messages.BUILTIN_HOOK_ONCE, native=True)
         hook = {"ALLREDUCE": allreduce_hook, "FP16_COMPRESS": fp16_compress_hook}[comm_hook_type.name]
         self._comm_hooks.append((hook, self.comm))
         self._logging["comm_hook"] = str(comm_hook_type)
@@ -276,9 +281,9 @@ class DistributedDataParallel(Joining, LoggingData, TorchDDP):
         if not callable(hook):
             self._throw(TypeError, "Communication hook must be callable.")
         signature = inspect.signature(hook)
-        bucket = signature.parameters.get("bucket")
+        bucket = signature.parameters["bucket"]  # torch's KeyError for a hook without one
         # The annotations are compared with torch's types, as torch does (no communication is involved).
-        if bucket is not None and bucket.annotation not in (
+        if bucket.annotation not in (
             inspect.Parameter.empty,
             torch.distributed.GradBucket,
             Bucket,
@@ -297,7 +302,7 @@ class DistributedDataParallel(Joining, LoggingData, TorchDDP):
             warnings.warn("You've set static_graph to be True, no need to set it again.", stacklevel=2)
             return
         if self.reducer.num_iterations:
-            self._throw(RuntimeError, messages.STATIC_TOO_LATE)
+            self._throw(RuntimeError, messages.STATIC_TOO_LATE, native=True)
         self.static_graph = True
         self._static_graph_delay_allreduce_enqueued = False
         self.reducer.set_static_graph()
@@ -362,7 +367,7 @@ def _hook(ddp: weakref.ref, i: int, param: torch.Tensor) -> None:
         try:
             wrapper.reducer.autograd_hook(i)
         except RuntimeError as error:
-            wrapper._throw(RuntimeError, str(error))
+            wrapper._throw(RuntimeError, str(error), native=True)
 
 
 def _last(handles: list) -> None:

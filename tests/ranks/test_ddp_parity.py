@@ -1389,3 +1389,104 @@ def test_collectives_a_script_issues_on_the_default_group_beside_ddps(comm, case
         return out
 
     parity(scenario)
+
+
+class OneHeadOnRankZero(nn.Module):
+    """torch's test_different_graph_across_ranks: rank 0 uses both layers, the others the first only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin1 = nn.Linear(10, 10, bias=False)
+        self.lin2 = nn.Linear(10, 10, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin2(F.relu(self.lin1(x))) if rank() == 0 else F.relu(self.lin1(x))
+
+
+@pytest.mark.parametrize("as_view", [False, True])
+def test_static_graph_with_parameters_unused_on_some_ranks_rebuilds_its_buckets(comm, as_view):
+    """A static graph's unused parameters join the rebuild last, on the ranks that do not use them: every rank
+    rebuilds at the third forward, as torch's (the others skipped it and the broadcast of the order failed)."""
+
+    def scenario(ddp):
+        model = ddp(OneHeadOnRankZero(), gradient_as_bucket_view=as_view, static_graph=True)
+        x, out = torch.randn(20, 10), []
+        for _ in range(6):
+            model(x).sum().backward()
+            out.append([model._get_ddp_logging_data().get("has_rebuilt_buckets"), *grads(model.module)])
+        return out, weights(model.module)
+
+    parity(scenario)
+
+
+def test_static_graph_with_a_parameter_no_rank_uses_rebuilds_its_buckets(comm):
+    """A comm hook sees the rebuilt buckets, as under torch, also when one parameter is used nowhere."""
+
+    def scenario(ddp):
+        seen = []
+
+        def hook(state, bucket):
+            seen.append((bucket.index(), [tuple(p.shape) for p in bucket.parameters()]))
+            future = torch.futures.Future()
+            future.set_result(bucket.buffer() / dist.get_world_size())
+            return future
+
+        model = ddp(TwoHeads(), static_graph=True, bucket_cap_mb=1e-5)
+        model.register_comm_hook(None, hook)
+        logs = []
+        for _ in range(4):
+            model(torch.randn(2, 4) + rank(), use_b=False).sum().backward()
+            data = model._get_ddp_logging_data()
+            logs.append((data.get("has_rebuilt_buckets"), data.get("rebuilt_bucket_sizes")))
+        return logs, seen
+
+    parity(scenario)
+
+
+def test_whether_a_searched_graph_stayed_static(comm):
+    """torch's test_detect_ddp_is_actually_static: reducer._ddp_graph_static() stays True while the set of unused
+    parameters stays the same, and turns False once it changes."""
+
+    def scenario(ddp):
+        model = ddp(TwoHeads(), find_unused_parameters=True)
+        static = []
+        for use_b in (False, False, False, True, False, True):
+            model(torch.randn(2, 4), use_b=use_b).sum().backward()
+            static.append(model.reducer._ddp_graph_static())
+        return static
+
+    parity(scenario)
+
+
+def test_an_error_in_the_logging_data_reads_as_torchs(comm):
+    """torch's verify_ddp_error_logged: the class before a message its Python raises, none before its reducer's."""
+
+    def scenario(ddp):
+        model = ddp(nn.Linear(2, 2))
+
+        def bad(state: object, bucket: dist.GradBucket) -> int:
+            return torch.futures.Future()
+
+        errors = []
+        for hook in (bad, default_hooks.allreduce_hook, default_hooks.allreduce_hook):
+            with contextlib.suppress(ValueError, RuntimeError):
+                model.register_comm_hook(None, hook)
+            errors.append(model._get_ddp_logging_data().get("error"))
+        return errors
+
+    parity(scenario)
+
+
+def test_a_comm_hook_without_a_bucket_parameter_is_refused_as_torchs(comm):
+    parity(lambda ddp: ddp(nn.Linear(2, 2)).register_comm_hook(None, lambda s, b: default_hooks.allreduce_hook(s, b)))
+
+
+def test_optimizers_applied_in_backward_are_refused(comm):
+    """torch's _apply_optimizer_in_backward: torch's DDP steps them on the averaged gradients (with an accelerator);
+    distrib's would step each rank on its own, so it refuses them by name."""
+    from torch.distributed.optim import _apply_optimizer_in_backward
+
+    model = nn.Linear(3, 1)
+    _apply_optimizer_in_backward(torch.optim.SGD, model.parameters(), {"lr": 0.1})
+    with pytest.raises(NotImplementedError, match=r"does not run optimizers in backward \(_apply_optimizer_in_back"):
+        OURS(model)
