@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import random
 import weakref
 
 import pytest
@@ -48,6 +49,25 @@ def test_bucket_assignment_is_torchs(sizes, dtypes, limits):
     expected, _ = torch.distributed._compute_bucket_assignment_by_size(params, limits, sparse)
     assert sorted(assign(params, range(len(params)), limits, sparse), key=min) == expected
     assert initial_layout(params, limits, sparse) == expected[::-1]  # reversed: the last layers' bucket goes first
+
+
+def test_rebuilt_bucket_assignment_is_torchs_in_ready_order():
+    """The rebuild's assignment, in gradient-ready order, as torch's own on random mixes of dtypes, sizes and
+    limits, the order of the buckets included: torch's open buckets leave a C++ hash map in the reverse order of
+    their dtypes' first parameters (a comm hook's bucket.index() follows it)."""
+    gen = random.Random(0)
+    dtypes = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+    for _ in range(500):
+        count = gen.randint(1, 12)
+        kinds = dtypes[: gen.randint(1, 4)]
+        params = [torch.empty(gen.randint(1, 300), dtype=gen.choice(kinds)) for _ in range(count)]
+        order = gen.sample(range(count), count)
+        limits = gen.choice([[UNLIMITED], [512], [256, 1024], [100, 2000]])
+        sparse = [False] * count
+        expected, _ = torch.distributed._compute_bucket_assignment_by_size(
+            [params[i] for i in order], limits, sparse, order
+        )
+        assert assign(params, order, limits, sparse) == [list(b) for b in expected], (order, limits)
 
 
 @pytest.mark.parametrize("as_view", [False, True], ids=["copy", "view"])

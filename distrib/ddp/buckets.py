@@ -26,7 +26,7 @@ def assign(
 
     A parameter with a sparse gradient is a bucket of its own. Else one dtype and device per bucket; a bucket closes
     once it holds at least its limit (limits[k] for the k-th bucket of its kind, the last limit repeating). Closed
-    buckets come in the order they closed, then the open ones.
+    buckets come in the order they closed, then the open ones, the kind seen last first.
     """
     buckets: list[list[int]] = []
     filling: dict[tuple, tuple[list[int], int, int]] = {}  # kind -> (indices, bytes, buckets of it closed)
@@ -44,7 +44,8 @@ def assign(
             filling[kind] = ([], 0, closed + 1)
         else:
             filling[kind] = (indices, size, closed)
-    buckets.extend(indices for indices, _, _ in filling.values() if indices)
+    # torch's open buckets come out of a C++ hash map: in the reverse order of their kinds' first parameters.
+    buckets.extend(indices for indices, _, _ in reversed(filling.values()) if indices)
     return buckets
 
 
