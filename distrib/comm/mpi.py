@@ -19,7 +19,6 @@ from mpi4py import MPI
 
 from distrib.comm.base import Communicator
 from distrib.comm.contract import poll
-from distrib.comm.regions import own_chunk
 from distrib.comm.shm import SharedMemory
 from distrib.comm.transport import Pending
 
@@ -128,14 +127,6 @@ class MPICommunicator(Communicator):
 
     def shared_zeros(self, numel: int, dtype: torch.dtype) -> torch.Tensor | None:
         return None if self._shm_unavailable() else self._shm().regions.make(self, numel, dtype)
-
-    def shared_chunk(self, flat: torch.Tensor) -> tuple[int, int] | None:
-        if self.size == 1 or flat.is_complex() or self._shared is None or self._shared.regions.of(flat) is None:
-            return None  # complex tensors are reduced as their real view, which is not the region
-        return own_chunk(flat.numel(), self.size, self.rank)
-
-    def lend(self, flat: torch.Tensor, parts: list[tuple[int, int, torch.Tensor, float]]) -> None:
-        self._shm().regions.lend(flat, parts)
 
     def _shm(self) -> SharedMemory:
         if self._shared is None:

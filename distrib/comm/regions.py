@@ -22,13 +22,9 @@ from typing import Any
 import torch
 
 from distrib.comm import slots
-from distrib.comm.arrays import chunks
 
 HEADER = 64  # the owner's nonce, then padding: the data starts on a cache line
 _count = itertools.count()
-
-
-Lent = list[tuple[int, int, torch.Tensor, float]]  # (start, stop, source, scale): region[start:stop] is source * scale
 
 
 class Regions:
@@ -36,7 +32,6 @@ class Regions:
 
     def __init__(self) -> None:
         self._peers: dict[tuple[int, int, torch.dtype], dict[int, torch.Tensor]] = {}  # not our own: it must die
-        self._lent: dict[int, Lent] = {}
 
     def make(self, comm: Any, numel: int, dtype: torch.dtype) -> torch.Tensor | None:
         """A zeroed tensor of `numel` elements that every rank of `comm` (all on one host) can read and write; every
@@ -65,18 +60,5 @@ class Regions:
             return None
         return [peers.get(k, t) for k in range(len(peers) + 1)]
 
-    def lend(self, own: torch.Tensor, parts: Lent) -> None:
-        """For the next allreduce of `own`: parts of this rank's own chunk (`own_chunk`) that are not written into
-        it but lie elsewhere (a gradient where autograd made it), to be summed from there, scaled."""
-        self._lent[own.data_ptr()] = parts
-
-    def lent(self, own: torch.Tensor) -> Lent:
-        return self._lent.pop(own.data_ptr(), [])
-
     def __len__(self) -> int:
         return len(self._peers)
-
-
-def own_chunk(numel: int, size: int, rank: int) -> tuple[int, int]:
-    """The elements of a region that `rank` sums for every rank (SharedMemory.allreduce_regions_)."""
-    return chunks(numel, size)[rank]

@@ -16,7 +16,7 @@ import torch
 from mpi4py import MPI
 
 from distrib.comm.arrays import chunks, combine_
-from distrib.comm.regions import Lent, Regions, own_chunk
+from distrib.comm.regions import Regions
 
 # Per buffer: more than a core's L2 (1-2 MiB on the VMs measured), so the lines a peer read have left its cache before
 # they are written again (1 MiB pieces: every write waited on invalidating the peer's copy, about 2.5 GB/s from 16 MiB
@@ -63,7 +63,7 @@ class SharedMemory:
         i-1 are in place; every rank has read piece i's buffers before it waits for piece i+2.
         """
         if (regions := self.regions.of(flat)) is not None:
-            return self.allreduce_regions_(regions, op, self.regions.lent(flat))
+            return self.allreduce_regions_(regions, op)
         if self.size == 2 or flat.numel() * flat.itemsize <= SMALL_BYTES:
             return self._allreduce_whole_(flat, op)
         cap = self._piece // flat.itemsize
@@ -87,34 +87,21 @@ class SharedMemory:
             self._arrive("shm allreduce (results)")
             self._gather_results(*previous)
 
-    def allreduce_regions_(self, regions: list[torch.Tensor], op: str, lent: Lent | None = None) -> None:
+    def allreduce_regions_(self, regions: list[torch.Tensor], op: str) -> None:
         """Reduce, in place, tensors that live in memory every rank maps (regions.py): rank r sums chunk r of every
         rank's region, piece by piece, and writes the sum into each. No staging: each byte is read once and written
-        once, by one rank, which also makes the result the same bits everywhere. `lent` (sums only): parts of chunk
-        r whose own values lie elsewhere, scaled (Regions.lend), read from there instead of first copied in."""
-        if lent and op != "sum":
-            raise ValueError(f"lent parts of a region are summed; op must be 'sum', not {op!r}")
+        once, by one rank, which also makes the result the same bits everywhere."""
         mine = regions[self.rank]
         self._arrive("shm allreduce")  # every rank's inputs are in its region
-        lo, hi = own_chunk(mine.numel(), self.size, self.rank)
-        spans, at = [], lo  # (start, stop, source or None, scale) covering the chunk
-        for start, stop, source, scale in sorted(lent or [], key=lambda part: part[0]):
-            spans += [(at, start, None, 1.0), (start, stop, source, scale)]
-            at = stop
-        spans.append((at, hi, None, 1.0))
+        lo, hi = chunks(mine.numel(), self.size)[self.rank]
         cap = self._piece // mine.itemsize
-        for first, last, source, scale in spans:
-            for start in range(first, last, cap):
-                piece = slice(start, min(start + cap, last))
-                total, peers = mine[piece], self._peers
-                if source is not None:  # this rank's own part, scaled, where it lies: the first sum writes total
-                    torch.add(regions[peers[0]][piece], source[start - first : piece.stop - first], alpha=scale,
-                              out=total)  # fmt: skip
-                    peers = peers[1:]
-                for k in peers:
-                    combine_(total, regions[k][piece], op)
-                for k in self._peers:
-                    regions[k][piece].copy_(total)
+        for start in range(lo, hi, cap):
+            piece = slice(start, min(start + cap, hi))
+            total = mine[piece]
+            for k in self._peers:
+                combine_(total, regions[k][piece], op)
+            for k in self._peers:
+                regions[k][piece].copy_(total)
         self._arrive("shm allreduce (results)")  # every rank's sums are in every region
 
     def _allreduce_whole_(self, flat: torch.Tensor, op: str) -> None:

@@ -117,16 +117,6 @@ class Transport(abc.ABC):
         (no staging copy); None where the transport has no such memory (then use any tensor)."""
         return None
 
-    def shared_chunk(self, flat: torch.Tensor) -> tuple[int, int] | None:
-        """The elements of `flat`, made by shared_zeros, that this rank sums under algorithm "shm", whose own values
-        it may lend (`lend`) instead of writing them in; None where it cannot."""
-        return None
-
-    def lend(self, flat: torch.Tensor, parts: list[tuple[int, int, torch.Tensor, float]]) -> None:
-        """For the next "shm" allreduce (a sum) of `flat`: flat[start:stop] is source * scale, for parts of this
-        rank's shared_chunk left unwritten, summed from where they lie."""
-        raise NotImplementedError(f"{type(self).__name__} has no shared memory to lend to")
-
     def _shm_unavailable(self) -> str:
         """Why this communicator cannot run algorithm "shm" ("" when it can)."""
         return f"needs the mpi backend (ranks sharing memory through MPI-3 windows), not {self.backend!r}"

@@ -79,8 +79,6 @@ class Bucket:
         self.views = {i: self._view(self.flat, k) for k, i in enumerate(indices)}
         self.pending = len(indices)
         self.work = None  # a distrib Handle, or a torch Future when a comm hook ran
-        self.chunk: tuple[int, int] | None = None  # under shm: the part this rank sums, which it may lend
-        self.lent: list[tuple[int, int, torch.Tensor, float]] = []  # ... this backward, for the next allreduce
 
     def _view(self, flat: torch.Tensor, k: int) -> torch.Tensor:
         """Parameter k's place in `flat`, laid out as the parameter where it is dense (channels_last, say), as
@@ -130,28 +128,10 @@ class Bucket:
                 view.copy_(grad)
             elif grad.requires_grad:  # backward(create_graph=True): the copy stays differentiable, as torch's
                 view.copy_(grad * (1.0 / divide))
-            elif not self._lend(i, grad, 1.0 / divide):
+            else:
                 torch.mul(grad, 1.0 / divide, out=view)  # torch's own scaling
             if as_view:
                 param.grad = view
-
-    def _lend(self, i: int, grad: torch.Tensor, scale: float) -> bool:
-        """Under shm, the part of gradient i inside this rank's chunk stays where autograd made it, lent to the
-        allreduce, which sums it from there (comm/regions.py): only the rest is copied in. False: copy it all."""
-        view = self.views[i]
-        if self.chunk is None or grad.dtype != view.dtype or grad.stride() != view.stride() or not dense(view):
-            return False
-        start = self.offsets[self._position[i]]
-        stop = start + view.numel()
-        lo, hi = max(start, self.chunk[0]), min(stop, self.chunk[1])
-        if lo >= hi:
-            return False
-        source = grad.as_strided((view.numel(),), (1,), grad.storage_offset())  # memory order, as the view's
-        for a, b in ((start, lo), (hi, stop)):
-            if a < b:
-                torch.mul(source[a - start : b - start], scale, out=self.flat[a:b])
-        self.lent.append((lo, hi, source[lo - start : hi - start], scale))
-        return True
 
     def hand_out(self, i: int, result: torch.Tensor, as_view: bool) -> None:
         """The average into `.grad`: as a view of the bucket (gradient_as_bucket_view), else as a tensor of its own
@@ -175,7 +155,6 @@ class Bucket:
         """Fresh memory for the next backward, the old left to whoever holds it."""
         self.flat = torch.zeros_like(self.flat)
         self.views = {i: self._view(self.flat, k) for k, i in enumerate(self.indices)}
-        self.chunk = None  # not shared memory any more: nothing is lent
 
     def grad_bucket(self) -> GradBucket:
         return GradBucket(self)
@@ -198,7 +177,6 @@ class SparseBucket:
         self.flat = torch.sparse_coo_tensor(no, rows, p.shape, check_invariants=False)
         self.pending = 1
         self.work = None
-        self.chunk, self.lent = None, []  # never lent: reduced as a gradient of its own
 
     def _view(self, flat: torch.Tensor, k: int) -> torch.Tensor:
         return flat
@@ -218,24 +196,6 @@ class SparseBucket:
         if divide is not None:
             grad.div_(divide)
         self.flat = grad
-
-    def _lend(self, i: int, grad: torch.Tensor, scale: float) -> bool:
-        """Under shm, the part of gradient i inside this rank's chunk stays where autograd made it, lent to the
-        allreduce, which sums it from there (comm/regions.py): only the rest is copied in. False: copy it all."""
-        view = self.views[i]
-        if self.chunk is None or grad.dtype != view.dtype or grad.stride() != view.stride() or not dense(view):
-            return False
-        start = self.offsets[self._position[i]]
-        stop = start + view.numel()
-        lo, hi = max(start, self.chunk[0]), min(stop, self.chunk[1])
-        if lo >= hi:
-            return False
-        source = grad.as_strided((view.numel(),), (1,), grad.storage_offset())  # memory order, as the view's
-        for a, b in ((start, lo), (hi, stop)):
-            if a < b:
-                torch.mul(source[a - start : b - start], scale, out=self.flat[a:b])
-        self.lent.append((lo, hi, source[lo - start : hi - start], scale))
-        return True
 
     def hand_out(self, i: int, result: torch.Tensor, as_view: bool) -> None:
         if result is not self.flat:  # a comm hook's result

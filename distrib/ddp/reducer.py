@@ -64,7 +64,8 @@ class Reducer:
         self._used_work = None
         self.hook_counts = [0] * n  # static graph: firings per parameter in the first iteration
         self._left: list[int] = []  # static graph: firings still expected in this iteration
-        self.static_first, self.div_factor = False, None  # div_factor: the divisor of this backward, once known
+        self.static_first = False
+        self.div_factor: int | None = None
         self.join_work: Any = None  # the join context's "still training" allreduce, for the divide factor
         self.static_world_size, self.rebuilt, self.ready_order, self.graph_static = True, False, [], True
 
@@ -75,12 +76,11 @@ class Reducer:
         self.buckets = [kind(self.params, ix, k, k == last, zeros) for k, (kind, ix) in enumerate(zip(kinds, layout))]
         self.bucket_of = {i: bucket for bucket in self.buckets for i in bucket.indices}
         self.launched = 0
-        for bucket in self.buckets if collective and self.algorithm == "shm" else []:  # may lend their own part
-            bucket.chunk = self.comm.shared_chunk(bucket.flat)
 
     def _zeros(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """A bucket's memory: under "shm" (or "auto") on CPU, shared by the host's ranks (regions.py). Collective."""
-        if device.type == "cpu" and self.algorithm in ("shm", "auto"):
+        """A bucket's memory: where algorithm "shm" (or "auto", which may pick it) runs on CPU tensors, memory the
+        host's ranks share, reduced where it lies (comm/regions.py); else ordinary. Collective."""
+        if device.type == "cpu" and (self.algorithm or self.comm.algorithm) in ("shm", "auto"):
             shared = self.comm.shared_zeros(numel, dtype)
             if shared is not None:
                 return shared
@@ -141,7 +141,7 @@ class Reducer:
         """A forward whose backward reduces; `unused`: the graph search's result when searching."""
         self.expect_hooks = True
         for bucket in self.buckets:
-            bucket.pending, bucket.work, bucket.lent = len(bucket.indices), None, []
+            bucket.pending, bucket.work = len(bucket.indices), None
             if not self.grad_as_view:  # torch's views stay views of the one bucket; a gradient of its own must not
                 if bucket.held_elsewhere():
                     bucket.renew()
@@ -154,7 +154,8 @@ class Reducer:
             previous, self.unused = self.unused, unused or []
             if not self.unused:
                 messages.warn_no_unused()
-            self.graph_static &= self.num_iterations < 2 or previous == self.unused  # torch's: the same set so far
+            if self.num_iterations > 1:  # torch's: static so far while the unused set stays the same
+                self.graph_static = self.graph_static and previous == self.unused
 
     def _ddp_graph_static(self) -> bool:  # torch's name, read by torch's tests
         return self.graph_static
@@ -219,8 +220,6 @@ class Reducer:
 
     def _launch(self, bucket: Bucket) -> None:
         if self.comm_hook is None:
-            if bucket.lent:  # the parts of this rank's chunk left where autograd made them (Bucket._lend)
-                self.comm.lend(bucket.flat, bucket.lent)
             label = {"bucket": bucket.index}
             bucket.work = self.comm.allreduce(bucket.flat, "sum", self.algorithm, async_op=True, label=label)
             return
@@ -287,11 +286,13 @@ class Reducer:
 
     def shadow_backward(self) -> None:
         """Every bucket's collective with zeros (through the comm hook, if any), and the used-parameter map."""
-        zeros = [type(bucket)(self.params, bucket.indices, bucket.index, bucket.last) for bucket in self.buckets]
-        for bucket in zeros:
-            self._launch(bucket)
-        for bucket in zeros:
-            bucket.work.wait()
+        works = []
+        for bucket in self.buckets:
+            zeros = type(bucket)(self.params, bucket.indices, bucket.index, bucket.last)
+            self._launch(zeros)
+            works.append(zeros.work)
+        for work in works:
+            work.wait()
         if self.find_unused:
             self.comm.allreduce(torch.zeros(len(self.params), dtype=torch.int32), "sum", "native")
 

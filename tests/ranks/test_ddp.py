@@ -245,32 +245,6 @@ def test_shm_buckets_live_in_shared_memory_and_average_exactly(comm, as_view):
     assert all(torch.equal(g, v) for g, v in zip(grads, values))  # the tensors keep their memory mapped
 
 
-@pytest.mark.parametrize("as_view", [False, True], ids=["copy", "view"])
-@pytest.mark.parametrize("to_none", [True, False], ids=["to-none", "in-place"])
-def test_shm_sums_this_ranks_part_of_a_bucket_where_autograd_made_it(comm, monkeypatch, as_view, to_none):
-    """Under "shm" a rank copies into its shared bucket only the gradients its peers sum; its own chunk it lends,
-    and the allreduce reads it where autograd wrote it. One bucket, so parameters straddle the chunks' edges; the
-    averages match the one-process reference step after step (also once zero_grad keeps the gradients in place,
-    when they live in the bucket and nothing is lent)."""
-    if comm.backend != "mpi":
-        pytest.skip("algorithm 'shm' is for the mpi backend")
-    lent = []
-    lend = comm.lend
-    monkeypatch.setattr(comm, "lend", lambda flat, parts: (lent.append(len(parts)), lend(flat, parts)))
-    ddp = DistributedDataParallel(mlp(seed=comm.rank), comm=comm, algorithm="shm", gradient_as_bucket_view=as_view)
-    reference = mlp(seed=0)
-    for step in range(4):  # the second forward rebuilds the bucket, in shared memory
-        x, y = batch(comm.rank, step)
-        F.mse_loss(ddp(x), y).backward()
-        for p, expected in zip(ddp.parameters(), reference_grads(reference, comm.size, range(step, step + 1))):
-            torch.testing.assert_close(p.grad, expected, rtol=1e-5, atol=1e-6)
-        ddp.zero_grad(set_to_none=to_none)
-    if to_none and comm.size > 1:
-        assert lent and all(lent), lent  # every backward in the shared bucket lent a part of it
-    elif not as_view and not to_none:
-        assert len(lent) <= 1, lent  # after the rebuild's backward the gradients live in the bucket: none lent
-
-
 def test_a_kept_gradient_in_a_shared_bucket_is_never_written_over(comm):
     """A gradient the user keeps past zero_grad (not a bucket view) keeps its values: the bucket moves to memory
     of its own for the next backward, as an ordinary bucket does."""
