@@ -101,4 +101,5 @@ def trace(path: str | Path, comm: Communicator) -> Iterator[Recorder]:
         STATE.recorder = None
         merged = recorder.merged()
         if merged is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
             Path(path).write_text(json.dumps(merged))

@@ -97,7 +97,7 @@ def _communicator(args: argparse.Namespace, device: torch.device) -> distrib.Com
         backend = args.backend or default_backend(read_world(), device)
         comm = distrib.init(backend, timeout=args.timeout, algorithm=args.allreduce)
     except (LaunchError, ValueError) as error:
-        fail(f"argument --backend: {error}")
+        fail(f"argument {'--allreduce' if str(error).startswith('algorithm') else '--backend'}: {error}")
     try:
         check_sharding(1, args.batch_size, comm.rank, comm.size, seed=args.seed, epoch=0, drop_last=False)
     except ValueError as error:

@@ -237,6 +237,9 @@ def test_another_model_or_settings_are_refused_before_anything_loads(tmp_path, m
     changed.settings["--batch-size"] = 64
     with pytest.raises(CheckpointError, match="written with --batch-size 500, this run has --batch-size 64; resume"):
         load(changed, path, COMM)
+    changed.settings["--batch-size"] = None  # an option the run was written without: the fix is to leave it out
+    with pytest.raises(CheckpointError, match="written with --batch-size 500, this run has no --batch-size; resume"):
+        load(changed, path, COMM)
 
 
 def test_a_sharded_optimizer_writes_its_own_shard_and_resumes_exactly(tmp_path):

@@ -32,6 +32,8 @@ BAD = [
     (["--outer-lr", "-1"], "argument --outer-lr: must be a positive float"),
     (["--outer-momentum", "1"], "argument --outer-momentum: must be a number in [0, 1), got '1'"),
     (["--zero-offload", "--sync-every", "4"], "argument --sync-every: local SGD steps each rank's own optimizer"),
+    (["--outer-lr", "0.5"], "argument --outer-lr: only local SGD (--sync-every H) has an outer step; drop --outer-lr"),
+    (["--outer-momentum", "0"], "argument --outer-momentum: only local SGD (--sync-every H) has an outer step"),
     (["--task", "imagenet"], "argument --task: unknown task 'imagenet': use one of classify"),
     (["--task", "no_such_module:make"], "argument --task: task 'no_such_module:make': cannot import"),
     (["--task", "distrib.tasks:no_such_factory"], "has no callable 'no_such_factory'"),
@@ -66,6 +68,21 @@ def test_unwritable_out_directory(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and len(err.splitlines()) == 1
     assert "argument --out: cannot write to" in err and "choose a writable directory" in err, err
+
+
+@pytest.mark.parametrize("option, name", [("--trace", "trace.json"), ("--tensorboard", "tb")])
+def test_unwritable_trace_or_tensorboard_path_fails_before_training(option, name, tmp_path, capsys):
+    """Found at the start, not after the whole run (the trace is written at the end)."""
+    if option == "--tensorboard":
+        pytest.importorskip("tensorboard")
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([option, str(blocker / name), "--out", str(tmp_path / "run"), "--epochs", "1", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert f"argument {option}: cannot write {blocker / name}: {blocker} is not a directory" in err, err
+    assert not (tmp_path / "run").exists()
 
 
 def test_world_larger_than_the_global_batch_on_every_rank(tmp_path):

@@ -18,7 +18,9 @@ def mismatch(state: TrainingState, manifest: dict, shared: dict, world_size: int
     for key, saved in manifest["settings"].items():
         here = state.settings.get(key)
         if saved != here:
-            return f"it was written with {key} {saved}, this run has {key} {here}; resume with {key} {saved}"
+            wrote, has = (f"{key} {v}" if v is not None else f"no {key}" for v in (saved, here))
+            fix = f"resume with {key} {saved}" if saved is not None else f"resume without {key}"
+            return f"it was written with {wrote}, this run has {has}; {fix}"
     if sorted(shared["models"]) != sorted(state.models):
         return f"it holds models {sorted(shared['models'])}, this task has {sorted(state.models)}; use the same task"
     for phase, model in state.models.items():

@@ -160,10 +160,13 @@ def parser(description: str | None = None) -> argparse.ArgumentParser:
         "--sync-every", type=_positive(int), default=None, metavar="H",
         help="local SGD / DiLoCo: H steps on each rank's own gradients, then the outer step on the averaged deltas",
     )  # fmt: skip
-    p.add_argument("--outer-lr", type=_real(0, MAX_RATE, positive=True), default=0.7, help="--sync-every: outer lr")
     p.add_argument(
-        "--outer-momentum", type=_fraction, default=0.9, help="--sync-every: the outer Nesterov momentum (0: none)"
+        "--outer-lr", type=_real(0, MAX_RATE, positive=True), default=None, help="--sync-every: outer lr (default 0.7)"
     )
+    p.add_argument(
+        "--outer-momentum", type=_fraction, default=None,
+        help="--sync-every: the outer Nesterov momentum (0: none; default 0.9)",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/TASK-TIME)")
     p.add_argument(
         "--checkpoint-every", type=_positive(int), default=None, metavar="N", help="steps (also: at each epoch's end)"
@@ -214,6 +217,14 @@ def parse(argv: list[str] | None, description: str | None = None) -> tuple[argpa
         fail("argument --resume: auto continues the run in --out, or starts it there; name it with --out RUN_DIR")
     if args.tensorboard is not None and importlib.util.find_spec("tensorboard") is None:
         fail("argument --tensorboard: needs the tensorboard package; pip install tensorboard")
+    for name, default in (("outer_lr", 0.7), ("outer_momentum", 0.9)):
+        if getattr(args, name) is not None and not args.sync_every:
+            option = f"--{name.replace('_', '-')}"
+            fail(f"argument {option}: only local SGD (--sync-every H) has an outer step; drop {option} or add it")
+        setattr(args, name, default if getattr(args, name) is None else getattr(args, name))
+    for option, path in (("--trace", args.trace), ("--tensorboard", args.tensorboard)):
+        if path is not None and (problem := _unwritable(path)):
+            fail(f"argument {option}: cannot write {path}: {problem}")
     if args.zero_offload and args.sync_every:
         fail(
             "argument --sync-every: local SGD steps each rank's own optimizer; it does not combine with --zero-offload"
@@ -221,6 +232,16 @@ def parse(argv: list[str] | None, description: str | None = None) -> tuple[argpa
     if args.zero_offload and args.optimizer not in ("adam", "adamw"):
         fail(f"argument --zero-offload: shards Adam and AdamW only, not --optimizer {args.optimizer}")
     return args, task
+
+
+def _unwritable(path: Path) -> str:
+    """Why a file or folder could not be made at `path` (its nearest existing ancestor decides), or ""."""
+    at = path.parent if path.suffix else path
+    while not at.exists():
+        at = at.parent
+    if not at.is_dir():
+        return f"{at} is not a directory"
+    return "" if os.access(at, os.W_OK) else f"{at} is not writable"
 
 
 def _task(args: argparse.Namespace) -> tasks.Task:
