@@ -37,6 +37,7 @@ _GAVE_UP_GRACE = 1.0
 # a struct sockaddr_in at byte 16, whose IPv4 address sits 4 bytes in.
 _SIOCGIFADDR, _IFNAMSIZ, _IFREQ_ADDRESS = 0x8915, 16, slice(20, 24)
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+_TWINS: dict[int, tuple[dist.ProcessGroup, dist.ProcessGroup]] = {}  # a script's group -> distrib's twin of it
 
 
 class TorchCommunicator(Communicator):
@@ -63,7 +64,7 @@ class TorchCommunicator(Communicator):
         self.backend = backend
         super().__init__(rank, size, timeout=timeout, algorithm=algorithm)  # checks the timeout before torch sees it
         self._group = group  # None: the default group
-        self._made_group = False
+        self._made_group = self._made_default = False
         # gloo is slower to start a collective on ranks that start together than to let the first start at once
         # (verify.start_early); NCCL's kernels would need the same stand-in on the GPU, untried.
         self.starts_early = backend == "gloo"
@@ -74,8 +75,10 @@ class TorchCommunicator(Communicator):
         if group is not None:
             self.process_group = group
             self.open_flight()
+            atexit.register(self.close)  # the grace below, also when the script ends its groups itself
             return
-        if not dist.is_initialized():
+        self._made_default = not dist.is_initialized()
+        if self._made_default:
             if store is None and size == 1:
                 store = dist.HashStore()  # one process: nothing to meet
             if store is None and master is None:
@@ -102,15 +105,28 @@ class TorchCommunicator(Communicator):
         return dist.distributed_c10d._get_default_store()  # under torchrun, its agent's: alive while ranks stop
 
     @classmethod
-    def over(cls, group: Any, timeout: float | None = None, algorithm: str = "native") -> TorchCommunicator:
-        """A communicator over a torch.distributed group made elsewhere (dist.new_group, a DDP's process_group)."""
+    def over(
+        cls, group: Any, timeout: float | None = None, algorithm: str = "native", private: bool = True
+    ) -> TorchCommunicator:
+        """A communicator over the ranks of a torch.distributed group made elsewhere (dist.new_group, a DDP's
+        process_group); `private`: its collectives over a twin of that group, made once, so that the script's own
+        on the group (a comm hook's, its state that group) never pair up with ours (see the module docstring)."""
         if not isinstance(group, dist.ProcessGroup):
             raise TypeError(
                 f"process_group must be a torch.distributed ProcessGroup or a distrib Communicator, got "
                 f"{type(group).__name__}"
             )
-        backend = str(dist.get_backend(group))
-        return cls(backend, group.rank(), group.size(), timeout=timeout, algorithm=algorithm, group=group)
+        backend, own = str(dist.get_backend(group)), group
+        if private and group.size() > 1:
+            if id(group) not in _TWINS:  # the group itself kept too, so its id stays its own
+                ranks = dist.get_process_group_ranks(group)
+                twin = dist.new_group(ranks, timeout=timedelta(seconds=timeout or env_timeout()),
+                                      use_local_synchronization=True)  # fmt: skip
+                _TWINS[id(group)] = (group, twin)
+            own = _TWINS[id(group)][1]
+        comm = cls(backend, group.rank(), group.size(), timeout=timeout, algorithm=algorithm, group=own)
+        comm.process_group = group  # torch's utilities and the script's hooks take the script's group
+        return comm
 
     def post(
         self, sends: Sequence[tuple[torch.Tensor, int]] = (), recvs: Sequence[tuple[torch.Tensor, int]] = ()
@@ -173,17 +189,20 @@ class TorchCommunicator(Communicator):
         everyone = self._allgather_object((color, key, self.rank))
         world = dist.get_process_group_ranks(self._group) if self._group is not None else list(range(self.size))
         ranks = [r for c, _, r in sorted(e for e in everyone if e[0] == color)]  # by key, then by rank
+        if ranks != sorted(ranks):
+            raise ValueError(
+                f"split(color={color}, key={key}): torch.distributed numbers a group's ranks in world order, so keys "
+                "that reorder the ranks cannot be kept over it; give keys in rank order (key=rank), or use MPI"
+            )
         group = dist.new_group(
             [world[r] for r in ranks], timeout=timedelta(seconds=self.timeout), use_local_synchronization=True
         )
-        return TorchCommunicator.over(group, self.timeout)
+        return TorchCommunicator.over(group, self.timeout, private=False)  # ours alone: no twin needed
 
     def close(self) -> None:
         if not self._close_parts():
             return
-        if self._group is not None and not self._made_group:  # a group made elsewhere is its maker's to end
-            return
-        if dist.is_initialized():
+        if self._made_default and dist.is_initialized():  # every group with it; one made elsewhere is its maker's
             dist.destroy_process_group()
         # gloo's worker threads let go of a finished collective's tensors a moment after wait() returns, and that
         # takes the GIL; a thread that asks for it once the interpreter is shutting down aborts the whole process
@@ -194,14 +213,8 @@ class TorchCommunicator(Communicator):
 
 def started_group(timeout: float | None = None, algorithm: str = "native") -> TorchCommunicator | None:
     """A communicator beside torch.distributed's default group when the process started one itself, else None:
-    over a group of its own over the same ranks (see the module docstring), the default one left to the script."""
-    if not dist.is_initialized():
-        return None
-    world = dist.group.WORLD
-    own = dist.new_group(timeout=timedelta(seconds=timeout or env_timeout())) if dist.get_world_size() > 1 else world
-    comm = TorchCommunicator.over(own, timeout, algorithm)
-    comm.process_group = world
-    return comm
+    over a twin of it (see the module docstring), the default one left to the script."""
+    return TorchCommunicator.over(dist.group.WORLD, timeout, algorithm) if dist.is_initialized() else None
 
 
 def rendezvous(comm: Communicator) -> dist.TCPStore:

@@ -590,3 +590,20 @@ def test_a_shared_region_outlives_its_communicator(comm):
     assert_matches(t, reference(comm.size, 1000, torch.float64, "sum"), torch.float64, comm.size)
     t.add_(1)  # still writable: this rank's own mapping
     comm.barrier()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_split_orders_ranks_by_key_or_refuses_an_order_torch_cannot_keep(comm):
+    """MPI_Comm_split numbers a color's ranks by key. torch.distributed's groups number them in world order, so
+    under it a key that reorders them raises on every rank of that color (it was ignored, and a broadcast from
+    sub-rank 0 came from the wrong rank); keys in rank order work under both."""
+    same = comm.split(0, comm.rank)
+    assert (same.rank, same.size) == (comm.rank, comm.size)
+    if comm.backend == "mpi":
+        reverse = comm.split(0, -comm.rank)
+        assert reverse.rank == comm.size - 1 - comm.rank
+        assert int(reverse.broadcast(torch.tensor([comm.rank]), 0)[0]) == comm.size - 1
+    else:
+        with pytest.raises(ValueError, match=r"split\(color=0, key=-?\d+\): torch.distributed numbers a group's ranks"):
+            comm.split(0, -comm.rank)
+    assert int(comm.allreduce(torch.ones(1))[0]) == comm.size  # every rank got here: none hangs

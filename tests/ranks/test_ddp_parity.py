@@ -1363,21 +1363,26 @@ class AveragedActivations(nn.Module):
         return self.head(self.rest(h))
 
 
+@pytest.mark.parametrize("group", [None, "world", "new group"])
 @pytest.mark.parametrize("case", ["collective in backward", "static graph with torch's allreduce_hook"])
-def test_collectives_a_script_issues_on_the_default_group_beside_ddps(comm, case):
+def test_collectives_a_script_issues_on_the_default_group_beside_ddps(comm, case, group):
     """Under torchrun distrib's communicator and the script share torch.distributed; distrib's collectives go over a
-    group of their own, so the script's (from autograd's thread, or a comm hook's) never pair up with ours in a
-    different order on different ranks (gloo aborted with a size mismatch, or the sums were wrong)."""
+    twin of the group DDP was given (the default one, WORLD, or a new group), so the script's own on that group (from
+    autograd's thread, or a comm hook's) never pair up with ours in a different order on different ranks (gloo
+    aborted with a size mismatch, or the sums were wrong)."""
+
+    pg = {None: None, "world": dist.group.WORLD, "new group": dist.new_group()}[group]
 
     def scenario(ddp):
         out = []
         for trial in range(4):
             torch.manual_seed(trial)
             if case == "collective in backward":
-                model = ddp(AveragedActivations(), bucket_cap_mb=0.01)
+                model = ddp(AveragedActivations(), bucket_cap_mb=0.01, process_group=pg)
             else:
-                model = ddp(nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 4)), static_graph=True)
-                model.register_comm_hook(None, default_hooks.allreduce_hook)
+                net = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 4))
+                model = ddp(net, static_graph=True, process_group=pg)
+                model.register_comm_hook(pg, default_hooks.allreduce_hook)  # the hook on DDP's own group
             opt = torch.optim.SGD(model.parameters(), lr=0.05)
             width = 32 if case == "collective in backward" else 64
             for step in range(3):
