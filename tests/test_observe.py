@@ -72,3 +72,8 @@ def test_plot_draws_runs_and_benchmark_results(tmp_path):
         assert result.returncode == 0 and made.stat().st_size > 1000, result.stderr
     bad = run([sys.executable, "-m", "distrib.cli.plot", str(tmp_path / "missing")], timeout=60)
     assert bad.returncode == 2 and "usage: python -m distrib.cli.plot RUN_DIR | BENCHMARK.json" in bad.stderr
+    assert f"error: {tmp_path / 'missing'}: no such file or directory" in bad.stderr, bad.stderr  # the reason too
+    (tmp_path / "broken.json").write_text("{not json")
+    broken = run([sys.executable, "-m", "distrib.cli.plot", str(tmp_path / "broken.json")], timeout=60)
+    assert broken.returncode == 2 and "broken.json is not a benchmark's JSON (JSONDecodeError" in broken.stderr
+    assert "Traceback" not in broken.stderr, broken.stderr

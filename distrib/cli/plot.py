@@ -62,12 +62,29 @@ def plot_busbw(results: Path) -> Path:
     return path
 
 
+def main(argv: list[str]) -> str:
+    """The PNG drawn for argv's one path; raises ValueError naming what is wrong with it."""
+    if len(argv) != 1:
+        raise ValueError("name one RUN_DIR or BENCHMARK.json")
+    target = Path(argv[0])
+    if target.suffix == ".json" and target.is_file():
+        try:
+            return str(plot_busbw(target))
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise ValueError(f"{target} is not a benchmark's JSON ({type(error).__name__}: {error})") from error
+    if (target / "metrics.jsonl").is_file():
+        try:
+            return str(plot_run(target))
+        except (json.JSONDecodeError, KeyError) as error:
+            raise ValueError(f"{target / 'metrics.jsonl'} is not a run's metrics ({error})") from error
+    what = "no such file or directory" if not target.exists() else "has no metrics.jsonl, and is not a .json file"
+    raise ValueError(f"{target}: {what}")
+
+
 if __name__ == "__main__":
-    target = Path(sys.argv[1]) if len(sys.argv) == 2 else None
-    if target is not None and target.suffix == ".json" and target.is_file():
-        print(plot_busbw(target))
-    elif target is not None and (target / "metrics.jsonl").is_file():
-        print(plot_run(target))
-    else:
-        print("usage: python -m distrib.cli.plot RUN_DIR | BENCHMARK.json", file=sys.stderr)
+    try:
+        print(main(sys.argv[1:]))
+    except ValueError as error:
+        print(f"python -m distrib.cli.plot: error: {error}\nusage: python -m distrib.cli.plot RUN_DIR | BENCHMARK.json",
+              file=sys.stderr)  # fmt: skip
         sys.exit(2)
