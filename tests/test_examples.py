@@ -23,10 +23,14 @@ SWAPS = {
 }
 
 
-def trained(launcher: str, ranks: int, script, out) -> tuple[str, dict[str, torch.Tensor]]:
-    """Run an example script at `ranks` ranks; its output and the weights rank 0 saved."""
+def trained(launcher: str, ranks: int, script, out, torchs: bool = False) -> tuple[str, dict[str, torch.Tensor]]:
+    """Run an example script at `ranks` ranks; its output and the weights rank 0 saved. `torchs`: a script of torch
+    alone, the reference, whose gloo worker threads now and then abort its process at interpreter teardown, after
+    every rank has passed the final barrier (so after the weights are saved): that exit is torch's, not tested."""
     result = run_ranks(launcher, ranks, [str(script), str(out)], timeout=120)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    torn = torchs and "terminate called without an active exception" in output and out.exists()
+    assert result.returncode == 0 or torn, result.stdout[-2000:] + result.stderr[-3000:]
     return result.stdout, torch.load(out, weights_only=True)
 
 
@@ -60,7 +64,7 @@ def test_ddp_example_is_torchs_script_but_for_two_imports(ddp_weights, tmp_path)
     assert not re.search(r"\bdistrib\b", _without_comments(code))  # distrib by its imports only
     torch_script = tmp_path / "torch_ddp.py"
     torch_script.write_text(code)
-    _, torch_weights = trained("torchrun", 2, torch_script, tmp_path / "torch.pt")  # torch's own DDP, under torchrun
+    _, torch_weights = trained("torchrun", 2, torch_script, tmp_path / "torch.pt", torchs=True)  # torch's own DDP
     assert_same(ddp_weights, torch_weights, 1e-6)  # distrib's under mpirun: the same weights
 
 
