@@ -64,7 +64,7 @@ class TorchCommunicator(Communicator):
         self.backend = backend
         super().__init__(rank, size, timeout=timeout, algorithm=algorithm)  # checks the timeout before torch sees it
         self._group = group  # None: the default group
-        self._made_group = self._made_default = False
+        self._made_default = False
         # gloo is slower to start a collective on ranks that start together than to let the first start at once
         # (verify.start_early); NCCL's kernels would need the same stand-in on the GPU, untried.
         self.starts_early = backend == "gloo"
@@ -97,8 +97,7 @@ class TorchCommunicator(Communicator):
             )
         self.process_group = dist.group.WORLD  # torch's utilities (Join) and a script's comm hooks take it
         if private and size > 1:
-            self._made_group = True
-            self._group = dist.new_group(timeout=timedelta(seconds=self.timeout))
+            self._group = _twin(dist.group.WORLD, self.timeout)
         self.open_flight()
 
     def _flight_store(self) -> dist.Store:
@@ -116,15 +115,9 @@ class TorchCommunicator(Communicator):
                 f"process_group must be a torch.distributed ProcessGroup or a distrib Communicator, got "
                 f"{type(group).__name__}"
             )
-        backend, own = str(dist.get_backend(group)), group
-        if private and group.size() > 1:
-            if id(group) not in _TWINS:  # the group itself kept too, so its id stays its own
-                ranks = dist.get_process_group_ranks(group)
-                twin = dist.new_group(ranks, timeout=timedelta(seconds=timeout or env_timeout()),
-                                      use_local_synchronization=True)  # fmt: skip
-                _TWINS[id(group)] = (group, twin)
-            own = _TWINS[id(group)][1]
-        comm = cls(backend, group.rank(), group.size(), timeout=timeout, algorithm=algorithm, group=own)
+        own = _twin(group, timeout or env_timeout()) if private and group.size() > 1 else group
+        comm = cls(str(dist.get_backend(group)), group.rank(), group.size(), timeout=timeout, algorithm=algorithm,
+                   group=own)  # fmt: skip
         comm.process_group = group  # torch's utilities and the script's hooks take the script's group
         return comm
 
@@ -209,6 +202,15 @@ class TorchCommunicator(Communicator):
         # ("terminate called without an active exception": 2 in 8 resumed runs here). Let them finish first, also
         # when the script destroyed the group itself (then an abort in 2 of 4 runs of examples/zero_offload.py).
         time.sleep(_RELEASE_GRACE)
+
+
+def _twin(group: dist.ProcessGroup, timeout: float) -> dist.ProcessGroup:
+    """distrib's own group over the ranks of `group`, made once (collective over those ranks only)."""
+    if id(group) not in _TWINS:  # the group itself kept too, so its id stays its own
+        ranks = dist.get_process_group_ranks(group)
+        twin = dist.new_group(ranks, timeout=timedelta(seconds=timeout), use_local_synchronization=True)
+        _TWINS[id(group)] = (group, twin)
+    return _TWINS[id(group)][1]
 
 
 def started_group(timeout: float | None = None, algorithm: str = "native") -> TorchCommunicator | None:

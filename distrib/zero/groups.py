@@ -12,12 +12,12 @@ HYPER = ("lr", "betas", "eps", "weight_decay")
 TORCH_GROUP = {"amsgrad": False, "maximize": False, "foreach": None, "capturable": False, "differentiable": False}
 
 
-def check_flags(**flags: bool) -> None:
-    """torch.optim.AdamW's switches ZeRO's step does not have, refused at construction; foreach and fused are speed
-    options (the CPU step is always fused)."""
+def check_flags(where: str = "", **flags: Any) -> None:
+    """torch.optim.AdamW's switches ZeRO's step does not have, refused (`where`: in a param group, else given to the
+    constructor); foreach and fused are speed options (the CPU step is always fused)."""
     for name, value in flags.items():
         if value:
-            raise ValueError(f"{name}=True: ZeroOffloadOptimizer has no {name}; leave it out")
+            raise ValueError(f"{name}=True{where}: ZeroOffloadOptimizer has no {name}; leave it out")
 
 
 def value(x: Any) -> Any:
@@ -32,9 +32,7 @@ def value(x: Any) -> Any:
 def check_group(group: dict[str, Any], adamw: bool) -> None:
     """torch.optim.AdamW's ranges, and none of torch's settings that would change the step ignored; the value and
     the fix in the message."""
-    for name in ("amsgrad", "maximize", "differentiable"):
-        if group.get(name):
-            raise ValueError(f"{name}=True in a param group: ZeroOffloadOptimizer has no {name}; leave it out")
+    check_flags(" in a param group", **{name: group.get(name) for name in ("amsgrad", "maximize", "differentiable")})
     decoupled = group.get("decoupled_weight_decay", adamw)
     if bool(decoupled) != adamw:
         raise ValueError(
