@@ -96,8 +96,7 @@ class TorchCommunicator(Communicator):
                 f"{dist.get_world_size()}, but this process is rank {rank} of {size}"
             )
         self.process_group = dist.group.WORLD  # torch's utilities (Join) and a script's comm hooks take it
-        if private and size > 1:
-            self._group = _twin(dist.group.WORLD, self.timeout)
+        self._group = _twin(dist.group.WORLD, self.timeout) if private and size > 1 else None  # None: the default
         self.open_flight()
 
     def _flight_store(self) -> dist.Store:
